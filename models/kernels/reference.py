@@ -18,10 +18,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     Returns (B, H, N, d) in v's dtype.
     """
     out_dtype = v.dtype
+    acc = torch.promote_types(v.dtype, torch.float32)  # at least fp32; float64 stays float64
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = F.relu(q.float())
-        kf = F.relu(k.float())
-        vf = v.float()
+        qf = F.relu(q.to(acc))
+        kf = F.relu(k.to(acc))
+        vf = v.to(acc)
         n = kf.shape[-2]
         kv = torch.matmul(kf.transpose(-1, -2), vf) / n  # (B, H, d, d)
         k_mean = kf.mean(dim=-2, keepdim=True)  # (B, H, 1, d)

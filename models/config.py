@@ -1,0 +1,111 @@
+"""The one configuration of the DiT family: teacher and students are the same classes.
+
+A teacher is the static softmax configuration; a LiT student flips `attention="linear"`, a DyDiT
+student flips `dynamic=True`, a DyLiT student flips both. Everything else (sizes, names) is shared,
+which is what makes weight inheritance a name-for-name copy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+ATTENTION_KINDS = ("softmax", "linear")
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # latent side (256px images with an 8x VAE)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    # Only sizes the extra "null" class row used for classifier-free guidance; the trainer draws the
+    # dropout itself so that teacher and student see the same labels.
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    # LiT: linear attention with a depth-wise conv on V.
+    attention: str = "softmax"
+    dwc_kernel: int = 5
+    linear_eps: float = 1e-6
+    # DyDiT: timestep-wise dynamic width (heads, MLP channel groups) and spatial dynamic tokens.
+    dynamic: bool = False
+    mlp_groups: Optional[int] = None  # MLP channel groups; None = num_heads (as DyDiT)
+    router_tau: float = 5.0
+    router_threshold: float = 0.5
+    width_router_bias: float = 15.0
+    token_router_bias: float = 35.0
+    token_router_reduction: int = 16
+    token_routing: bool = True  # SDT on/off (TDW alone when False)
+    # Fused kernels: auto | triton | reference (see models/kernels/dispatch.py).
+    kernels: str = "auto"
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def groups(self) -> int:
+        return self.mlp_groups or self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> "DiTConfig":
+        """Raise ValueError naming the field, its value and what is allowed."""
+
+        def bad(key: str, allowed: str) -> None:
+            raise ValueError(f"model.{key}={getattr(self, key)!r} is invalid: {allowed}")
+
+        for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, key) <= 0:
+                bad(key, "must be a positive integer")
+        if self.input_size % self.patch_size:
+            bad("input_size", f"must be divisible by patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            bad("num_heads", f"must divide hidden_size={self.hidden_size} (pass num_heads=... with hidden_size)")
+        if self.hidden_size % 2:
+            bad("hidden_size", "must be even (2-D sin-cos position embedding)")
+        if self.attention not in ATTENTION_KINDS:
+            bad("attention", f"one of {ATTENTION_KINDS}")
+        if self.dwc_kernel < 0 or (self.dwc_kernel and self.dwc_kernel % 2 == 0):
+            bad("dwc_kernel", "0 (no DWC) or an odd kernel size such as 5")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            bad("class_dropout_prob", "in [0, 1)")
+        if self.mlp_hidden % self.groups:
+            bad("mlp_groups", f"must divide the MLP width {self.mlp_hidden}")
+        if self.router_tau <= 0:
+            bad("router_tau", "must be > 0")
+        if not 0.0 < self.router_threshold < 1.0:
+            bad("router_threshold", "in (0, 1)")
+        if self.hidden_size // self.token_router_reduction < 1:
+            bad("token_router_reduction", f"must be <= hidden_size={self.hidden_size}")
+        if self.kernels not in ("auto", "triton", "reference"):
+            bad("kernels", "one of auto | triton | reference")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d).validate()

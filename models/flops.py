@@ -1,0 +1,112 @@
+"""Analytic FLOPs of the DiT family, in the DiT paper's unit (one multiply-add = 1 FLOP).
+
+Two uses, kept apart:
+- the FLOPs *loss* convention of DyDiT (METHODS §1.3): only attention and MLP blocks count,
+  attention cost scales with the fraction of active heads, MLP cost with the fraction of active
+  channel groups times the fraction of routed tokens;
+- whole-model GFLOPs for reporting (embeddings, adaLN, routers and the final layer included).
+Linear attention is counted as what it computes (φ(K)ᵀV, φ(Q)·KV, the normaliser, the DWC).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.config import DiTConfig
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Multiply-adds of one block for one sample at full width."""
+
+    attn: float  # qkv + scores/state + output projection
+    mlp: float
+    adaln: float
+    routers: float  # head + channel routers (per sample) and the token router (per token)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def attention_cost(cfg: DiTConfig, n: int) -> float:
+    d_model, d_head = cfg.hidden_size, cfg.head_dim
+    proj = 4 * n * d_model * d_model  # q, k, v and out projections
+    if cfg.attention == "softmax":
+        return proj + 2 * n * n * d_model  # QKᵀ and AV
+    # linear: φ(K)ᵀV and φ(Q)·(KV) per head (n·d² each, h heads), φ(Q)·mean φ(K), and the k×k DWC on V
+    state = 2 * n * d_model * d_head + n * d_model
+    return proj + state + cfg.dwc_kernel**2 * n * d_model
+
+
+def block_cost(cfg: DiTConfig, n: int | None = None) -> BlockCost:
+    n = cfg.num_tokens if n is None else n
+    d = cfg.hidden_size
+    routers = 0.0
+    if cfg.dynamic:
+        routers = d * (cfg.num_heads - 1) + d * (cfg.groups - 1)
+        if cfg.token_routing:
+            hid = max(1, d // cfg.token_router_reduction)
+            routers += n * (d * hid + hid)
+    return BlockCost(attn=attention_cost(cfg, n), mlp=2 * n * d * cfg.mlp_hidden, adaln=6 * d * d, routers=routers)
+
+
+def embed_cost(cfg: DiTConfig, n: int | None = None) -> dict[str, float]:
+    """Everything outside the blocks, per sample."""
+    n = cfg.num_tokens if n is None else n
+    d, p = cfg.hidden_size, cfg.patch_size
+    return {
+        "patch_embed": n * p * p * cfg.in_channels * d,
+        "t_embedder": 256 * d + d * d,
+        "final_layer": 2 * d * d + n * d * p * p * cfg.out_channels,
+    }
+
+
+def static_flops(cfg: DiTConfig, n: int | None = None) -> float:
+    """Whole-model multiply-adds per sample with every unit on."""
+    b = block_cost(cfg, n)
+    return cfg.depth * (b.attn + b.mlp + b.adaln + b.routers) + sum(embed_cost(cfg, n).values())
+
+
+def static_gflops(cfg: DiTConfig, n: int | None = None) -> float:
+    return static_flops(cfg, n) / 1e9
+
+
+def realised_ratio(
+    cfg: DiTConfig, head_masks: torch.Tensor, channel_masks: torch.Tensor, token_masks: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample dynamic/static ratio of attention+MLP FLOPs (DyDiT's loss convention).
+
+    head_masks (B, L, H), channel_masks (B, L, G), token_masks (B, L, N). Differentiable through the
+    straight-through masks, which is how the FLOPs loss reaches the routers.
+    """
+    n = token_masks.shape[-1]
+    cost = block_cost(cfg, n)
+    attn = head_masks.float().mean(dim=2) * cost.attn
+    mlp = channel_masks.float().mean(dim=2) * token_masks.float().mean(dim=2) * cost.mlp
+    return (attn + mlp).sum(dim=1) / (cfg.depth * (cost.attn + cost.mlp))
+
+
+def realised_flops(cfg: DiTConfig, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample whole-model multiply-adds actually executed on the sliced path."""
+    n = aux["token_masks"].shape[-1]
+    cost = block_cost(cfg, n)
+    heads = aux["head_masks"].float().mean(dim=2)
+    tokens = aux["token_masks"].float().mean(dim=2)
+    mlp = aux["channel_masks"].float().mean(dim=2) * tokens
+    blocks = (heads * cost.attn + mlp * cost.mlp).sum(dim=1)
+    fixed = cfg.depth * (cost.adaln + cost.routers) + sum(embed_cost(cfg, n).values())
+    return blocks + fixed
+
+
+def model_report(cfg: DiTConfig) -> dict:
+    """Numbers `launch.info` prints: parameters are counted by the caller from the module."""
+    n = cfg.num_tokens
+    b = block_cost(cfg, n)
+    return {
+        "tokens": n,
+        "gflops": static_gflops(cfg),
+        "block": {k: v / 1e9 for k, v in b.as_dict().items()},
+        "embed": {k: v / 1e9 for k, v in embed_cost(cfg, n).items()},
+        "blocks_total_gflops": cfg.depth * (b.attn + b.mlp + b.adaln + b.routers) / 1e9,
+    }

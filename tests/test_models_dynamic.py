@@ -1,0 +1,135 @@
+"""DyDiT / DyLiT dynamic execution: masked (training) and sliced (inference) paths agree, and a
+dynamic student with every unit on is exactly its static teacher."""
+import pytest
+import torch
+
+from models.dynamic import UnitSelection, gumbel_sigmoid_ste
+from models.flops import block_cost, realised_ratio
+from models.inherit import inherit_weights
+from tests.helpers import randomize_, tiny, tiny_inputs
+
+
+def _route_partially(model, seed=1):
+    """Routers whose decisions depend on t and on the token: some heads/groups/tokens switch off."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            for r in (block.attn_rate.router, block.mlp_rate.router):
+                r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.5)
+                r.bias.copy_(torch.randn(r.bias.shape, generator=g) + 2.0)
+            head = block.token_selection.mlp_head
+            head[0].weight.copy_(torch.randn(head[0].weight.shape, generator=g))
+            head[2].weight.copy_(torch.randn(head[2].weight.shape, generator=g))
+            head[2].bias.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["dydit-s/2", "dylit-s/2"])
+@pytest.mark.parametrize("shared_t", [True, False])
+def test_eval_masked_and_sliced_paths_agree(name, shared_t):
+    torch.manual_seed(0)
+    m = _route_partially(randomize_(tiny(name, depth=3), seed=3)).eval()
+    x, t, y = tiny_inputs(batch=4)
+    if shared_t:
+        t = torch.full_like(t, 421.0)  # a sampling step: one t for the whole batch
+    m.dynamic_exec = "masked"
+    out_masked, aux_m = m(x, t, y, return_aux=True)
+    m.dynamic_exec = "sliced"
+    out_sliced, aux_s = m(x, t, y, return_aux=True)
+    ratio = aux_s["flops_ratio"]
+    assert (ratio < 0.95).all() and (ratio > 0.2).all(), ratio  # the routers really skip work
+    for k in ("head_masks", "channel_masks", "token_masks"):
+        assert torch.equal(aux_m[k], aux_s[k])
+    torch.testing.assert_close(out_sliced, out_masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dydit-s/2"])
+def test_dynamic_student_with_every_unit_on_is_the_teacher(name):
+    teacher = randomize_(tiny("dit-s/2"), seed=5)
+    student = tiny(name)
+    report = inherit_weights(student, teacher.state_dict())
+    assert not report.skipped and not report.unused
+    assert all("rate.router" in k or "token_selection" in k for k in report.initialised)
+    x, t, y = tiny_inputs(batch=4)
+    for mode in ("eval", "train"):
+        getattr(teacher, mode)(), getattr(student, mode)()
+        ref = teacher(x, t, y)
+        out, aux = student(x, t, y, return_aux=True)
+        assert torch.equal(out, ref), mode
+        assert torch.equal(aux["flops_ratio"], torch.ones(4))
+
+
+def test_dylit_with_every_unit_on_is_its_lit():
+    lit = randomize_(tiny("lit-s/2", mlp_groups=6), seed=2).eval()
+    dylit = tiny("dylit-s/2")
+    inherit_weights(dylit, lit.state_dict())
+    x, t, y = tiny_inputs()
+    assert torch.equal(dylit.eval()(x, t, y), lit(x, t, y))
+
+
+def test_complete_mode_runs_every_unit():
+    m = _route_partially(randomize_(tiny("dydit-s/2"), seed=4)).eval()
+    ref = tiny("dit-s/2")
+    ref.load_state_dict(m.state_dict(), strict=False)
+    x, t, y = tiny_inputs()
+    assert torch.equal(m(x, t, y, complete=True), ref.eval()(x, t, y))
+
+
+def test_gumbel_sigmoid_is_hard_forward_soft_backward():
+    logits = torch.tensor([-3.0, 0.2, 4.0], requires_grad=True)
+    out = gumbel_sigmoid_ste(logits, tau=5.0, training=False)
+    assert out.tolist() == [0.0, 1.0, 1.0]
+    out.sum().backward()
+    s = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(logits.grad, s * (1 - s))
+    torch.manual_seed(0)  # training: logistic noise flips marginal decisions in both directions
+    draws = torch.stack([gumbel_sigmoid_ste(torch.zeros(1000), 5.0, True) for _ in range(5)])
+    assert 0.4 < draws.mean() < 0.6
+
+
+def test_routers_start_all_on_and_unit_zero_is_always_on():
+    m = tiny("dydit-s/2").eval()
+    x, t, y = tiny_inputs()
+    _, aux = m(x, t, y, return_aux=True)
+    assert aux["head_masks"].min() == 1 and aux["channel_masks"].min() == 1 and aux["token_masks"].min() == 1
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn_rate.router.bias.fill_(-50.0)
+            b.mlp_rate.router.bias.fill_(-50.0)
+    _, aux = m(x, t, y, return_aux=True)
+    assert aux["head_masks"][..., 0].min() == 1 and aux["head_masks"][..., 1:].max() == 0
+    assert aux["channel_masks"][..., 0].min() == 1 and aux["channel_masks"][..., 1:].max() == 0
+
+
+def test_realised_ratio_follows_dydit_convention():
+    m = tiny("dydit-s/2")
+    cfg = m.config
+    cost = block_cost(cfg)
+    heads = torch.tensor([[[1, 1, 0, 0, 0, 0], [1] * 6]], dtype=torch.float)  # layer 0: 2/6 heads
+    channels = torch.tensor([[[1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]], dtype=torch.float)
+    tokens = torch.ones(1, 2, 16)
+    tokens[0, 1, :4] = 0  # layer 1: 12/16 tokens
+    expected = (2 / 6 * cost.attn + 1 / 6 * cost.mlp + cost.attn + 3 / 6 * 12 / 16 * cost.mlp) / (2 * (cost.attn + cost.mlp))
+    torch.testing.assert_close(realised_ratio(cfg, heads, channels, tokens), torch.tensor([expected]))
+
+
+def test_unit_selection_union_and_per_sample_mask():
+    sel = UnitSelection.from_mask(torch.tensor([[1.0, 0, 1, 0], [1.0, 1, 1, 0]]))
+    assert sel.index.tolist() == [0, 1, 2] and sel.mask.tolist() == [[1, 0, 1], [1, 1, 1]] and not sel.full
+    same = UnitSelection.from_mask(torch.tensor([[1.0, 0, 1], [1.0, 0, 1]]))
+    assert same.mask is None and same.index.tolist() == [0, 2]
+
+
+def test_flops_loss_gradient_reaches_routers():
+    m = tiny("dylit-s/2").train()
+    with torch.no_grad():
+        for b in m.blocks:  # near the decision boundary so the STE gradient is not vanishing
+            b.attn_rate.router.bias.fill_(0.5)
+            b.mlp_rate.router.bias.fill_(0.5)
+            b.token_selection.mlp_head[2].bias.fill_(0.5)
+    x, t, y = tiny_inputs()
+    _, aux = m(x, t, y, return_aux=True)
+    aux["flops_ratio"].mean().backward()
+    for b in m.blocks:
+        for p in (b.attn_rate.router.bias, b.mlp_rate.router.bias, b.token_selection.mlp_head[2].bias):
+            assert p.grad is not None and p.grad.abs().sum() > 0
