@@ -170,18 +170,25 @@ class DiT(nn.Module):
                         nn.init.zeros_(lin.bias)
                 self._init_routers(block)
 
-    # --- conditioning helpers the trainer and samplers use --------------------------------------
-    def null_condition(self, y: torch.Tensor) -> torch.Tensor:
-        """Labels of the unconditional branch of classifier-free guidance."""
+    # --- conditioning: what the trainer and samplers pass as `**cond` -----------------------------
+    # A text-conditioned family (PixArt, FLUX) implements the same three methods over its own keys,
+    # so the training step and the samplers never ask which family they drive.
+    def condition(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "y" not in batch:
+            raise KeyError("a class-conditional DiT needs class labels 'y' in the batch")
+        return {"y": batch["y"]}
+
+    def null_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional branch of classifier-free guidance: every label → the null class."""
         if not self.y_embedder.has_null_class:
             raise ValueError("this model has no null class (class_dropout_prob=0); it cannot use guidance")
-        return torch.full_like(y, self.num_classes)
+        return {"y": torch.full_like(cond["y"], self.num_classes)}
 
-    def drop_condition(self, y: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        """Replace the labels where `drop` is True by the null class (guidance dropout)."""
+    def drop_condition(self, cond: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Guidance dropout: labels where `drop` is True become the null class."""
         if not self.y_embedder.has_null_class:
-            return y
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+            return cond
+        return {"y": torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])}
 
     # --- forward ----------------------------------------------------------------------------------
     def _exec_mode(self, complete: bool) -> str:
@@ -215,6 +222,7 @@ class DiT(nn.Module):
         `complete=True` runs a dynamic model with every unit on (DyDiT's complete-model warm-up).
         """
         grid_hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = x.to(self.x_embedder.proj.weight.dtype)  # bf16 under an FSDP mixed-precision policy
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
