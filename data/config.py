@@ -75,6 +75,9 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{key}={value!r} is not allowed: an integer ≥ {low}")
+        if self.buckets and self.image_size % 16:
+            raise ValueError(f"data.image_size={self.image_size!r} is not allowed with data.buckets=true: the bucket "
+                             "base resolution must be a multiple of 16 (e.g. 256, 512, 1024)")
         if not 0.0 <= float(self.max_skipped_fraction) <= 1.0:
             raise ValueError(f"data.max_skipped_fraction={self.max_skipped_fraction!r} is not allowed: a number in [0, 1]")
         if self.seed < 0:

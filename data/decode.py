@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,9 +17,6 @@ from PIL import Image
 
 from data.schema import SampleError
 from data.transforms import prepare_image, to_chw
-
-# Arrays are views of read-only read buffers; torch warns when wrapping them, but we only read.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=__name__)
 
 
 @dataclass(frozen=True)

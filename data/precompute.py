@@ -169,7 +169,7 @@ def _encode_shard(in_dir: str, rec: ShardRecord, entry: Optional[dict[str, Any]]
             if enc.vae is not None:
                 if "image" not in raw:
                     raise SampleError("missing_field", "no image")
-                raw["pixels"] = decode_image(raw["image"], (channels, *size))
+                raw["pixels"] = decode_image(raw.pop("image"), (channels, *size))  # a view of the read buffer
                 if channels == 1:  # VAEs take RGB
                     raw["pixels"] = raw["pixels"].expand(3, -1, -1)
             pending.append(raw)

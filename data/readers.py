@@ -2,9 +2,10 @@
 
 The loader plans an epoch as positions, so it reads samples by index, not by streaming a tar front
 to back. A tar is indexed by scanning its headers once on open (no payload is read); a sample is
-then one `pread` of its members. An MDS shard has an offset table in its header. Reads return
-zero-copy views (`memoryview`, `np.frombuffer`) so large latents and embeddings are copied once,
-into the batch.
+then one `preadv` of its members. An MDS shard has an offset table in its header. Each reader reads
+into one reused buffer and returns zero-copy views of it (`memoryview`, `np.frombuffer`), so a
+large latent or embedding is copied once, into the batch — the views are valid until the reader's
+next read.
 
 Damage is reported, not raised through: a shard that cannot be opened raises `ShardError` (the
 loader skips its samples); a sample that is truncated, incomplete or unparsable raises
@@ -24,6 +25,19 @@ from data.schema import WDS_FIELD, SampleError, mds_decode_column, npy_array
 
 class ShardError(Exception):
     """A shard that cannot be opened or indexed at all."""
+
+
+class _Scratch:
+    """One growing read buffer; a new one replaces it when too small (old views stay valid)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def pread(self, fd: int, size: int, offset: int) -> memoryview:
+        if len(self.buf) < size:
+            self.buf = bytearray(max(size, 2 * len(self.buf)))
+        view = memoryview(self.buf)[:size]
+        return view[: os.preadv(fd, [view], offset)]
 
 
 class ShardReader(Protocol):
@@ -55,6 +69,7 @@ class WdsShard:
         self.keys: list[str] = []
         self.members: list[dict[str, tuple[int, int]]] = []  # field → (offset, size)
         self.truncated_from = None  # first sample index lost to truncation
+        self._scratch = _Scratch()
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
                 while True:
@@ -100,7 +115,7 @@ class WdsShard:
             return out
         lo = min(off for _, (off, _) in wanted)
         hi = max(off + n for _, (off, n) in wanted)
-        buf = memoryview(os.pread(self._fd, hi - lo, lo))
+        buf = self._scratch.pread(self._fd, hi - lo, lo)
         if len(buf) < hi - lo:
             raise SampleError("truncated", f"read {len(buf)} of {hi - lo} bytes: the file shrank or is truncated")
         for f, (off, n) in wanted:
@@ -144,6 +159,7 @@ class MdsShard:
         except OSError as e:
             raise ShardError(f"cannot open {path}: {e.strerror or e}") from e
         self._size = os.fstat(self._fd).st_size
+        self._scratch = _Scratch()
         head = os.pread(self._fd, 4, 0)
         n = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else -1
         table = os.pread(self._fd, 4 * (n + 1), 4) if n >= 0 else b""
@@ -158,7 +174,7 @@ class MdsShard:
         if end > self._size or end < begin:
             raise SampleError("truncated", f"sample bytes [{begin}, {end}) lie beyond the end of the {self._size}-byte "
                                            "file: the shard is truncated")
-        data = memoryview(os.pread(self._fd, end - begin, begin))
+        data = self._scratch.pread(self._fd, end - begin, begin)
         if len(data) < end - begin:
             raise SampleError("truncated", f"read {len(data)} of {end - begin} bytes: the file shrank or is truncated")
         try:

@@ -23,7 +23,14 @@ from data.sources import Source, SourceItemError
 
 log = logging.getLogger("ditill.data")
 
-TAR_HEADER = 512  # bytes per tar member header, counted towards the shard size limit
+BLOCK, RECORD = 512, 10240  # tar: a member is a header block + data padded to blocks; files are whole records
+
+
+def shard_size(fmt: str, payload: int) -> int:
+    """File size of a shard whose samples add up to `payload` bytes (as `sample_bytes` counts them)."""
+    if fmt == "wds":
+        return -(-(payload + 2 * BLOCK) // RECORD) * RECORD  # + the end-of-archive blocks, rounded to records
+    return 4 + 4 + payload  # MDS: sample count + the offset table's final entry
 
 
 def shard_name(fmt: str, index: int) -> str:
@@ -36,12 +43,12 @@ def group_dir(key: str) -> str:
 
 
 def sample_bytes(sample: dict[str, Any], fmt: str) -> int:
-    """Encoded size, counted against the bytes-per-shard limit."""
+    """Bytes the sample adds to a shard (an upper bound), counted against the bytes-per-shard limit."""
     if fmt == "wds":
         members = wds_members(sample)
-        return sum(TAR_HEADER + len(v) for k, v in members.items() if k != "__key__")
-    sizes = {bytes: len, str: lambda v: len(v.encode("utf-8")), np.ndarray: lambda v: v.nbytes + 16, int: lambda v: 8}
-    return sum(4 + sizes[type(v)](v) for v in mds_columns(sample).values())
+        return sum(BLOCK + -(-len(v) // BLOCK) * BLOCK for k, v in members.items() if k != "__key__")
+    sizes = {bytes: len, str: lambda v: len(v.encode("utf-8")), np.ndarray: lambda v: v.nbytes + 2 + 8 * v.ndim, int: lambda v: 8}
+    return 4 + sum(4 + sizes[type(v)](v) for v in mds_columns(sample).values())  # offset-table entry + columns
 
 
 def write_shard(fmt: str, path: str, samples: list[dict[str, Any]]) -> tuple[int, Optional[dict[str, Any]]]:
@@ -71,7 +78,8 @@ def _write_tar(path: str, samples: list[dict[str, Any]]) -> None:
     from webdataset import TarWriter
 
     with open(path, "wb") as f:
-        writer = TarWriter(f, encoder=False, mtime=0.0, user="ditill", group="ditill", mode=0o444)
+        # An integer mtime keeps each member to one 512-byte header (a float adds a pax header).
+        writer = TarWriter(f, encoder=False, mtime=0, user="ditill", group="ditill", mode=0o444)
         for s in samples:
             writer.write(wds_members(s))
         writer.close()
@@ -128,7 +136,7 @@ class GroupSink:
                 raise ValueError(f"latent of {sample['key']!r} has shape {shape}, its group {self.key!r} has {self.latent_shape}")
         size = sample_bytes(sample, self.fmt)
         if self._buffer and (len(self._buffer) >= self.samples_per_shard
-                             or (self.shard_bytes and self._bytes + size > self.shard_bytes)):
+                             or (self.shard_bytes and shard_size(self.fmt, self._bytes + size) > self.shard_bytes)):
             self.flush()
         self._buffer.append(sample)
         self._bytes += size
