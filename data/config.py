@@ -1,0 +1,89 @@
+"""`DataConfig`: what the trainer embeds as `cfg.data`, validated before any process group starts.
+
+A plain dataclass so OmegaConf can use it as a structured config; every field has a default, so a
+YAML file only names what it changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+FORMATS = ("digits", "wds", "mds")
+INPUTS = ("image", "latent")
+CONDS = ("class", "text_emb", "caption", "none")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from, what a batch must hold, and how the stream is ordered.
+
+    format: `digits` (scikit-learn digits in memory, no shards), `wds` (webdataset tar shards) or
+        `mds` (MosaicML streaming shards); `path` is the shard directory for wds/mds.
+    input: what `batch["x"]` is: `image` (float32 in [-1, 1]) or `latent` (precomputed, scaled).
+    cond: the conditioning the task needs: `class` (`y`), `text_emb` (`text_emb` + `text_mask`),
+        `caption` (raw strings, `caption`) or `none`. Samples lacking it are skipped and counted.
+    batch_size: per-rank micro-batch; the global batch is batch_size × world_size.
+    shuffle_window: samples shuffled together after the shard order is shuffled (bigger mixes
+        more; the whole epoch when ≥ the dataset).
+    image_size: side of square images (digits are 8×8 natively; other values resize), or the base
+        resolution of the aspect-ratio buckets when `buckets` is on.
+    buckets: each batch from one aspect-ratio bucket (shards written with buckets).
+    max_skipped_fraction: stop the run when more than this fraction of the samples read were bad,
+        checked once `skip_check_after` samples have been read.
+    drop_last: drop each bucket's last partial global batch every epoch; when false it is filled
+        with samples from the start of that bucket (counted as `data/repeated`).
+    """
+
+    format: str = "digits"
+    path: Optional[str] = None
+    input: str = "image"
+    cond: str = "class"
+    batch_size: int = 64
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_window: int = 8192
+    image_size: int = 8
+    buckets: bool = False
+    max_skipped_fraction: float = 0.01
+    skip_check_after: int = 1000
+    drop_last: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key, the bad value and what is allowed."""
+        _one_of("format", self.format, FORMATS)
+        _one_of("input", self.input, INPUTS)
+        _one_of("cond", self.cond, CONDS)
+        if self.format == "digits":
+            if self.path is not None:
+                raise ValueError(
+                    f"data.path={self.path!r} is set but data.format='digits' loads the bundled digits in memory; "
+                    "remove data.path, or set data.format to 'wds' or 'mds' to read shards"
+                )
+            for key, value, why in (
+                ("input", self.input == "latent", "digits are images; precompute latents into shards first"),
+                ("cond", self.cond == "text_emb", "digits carry no text embeddings; precompute them into shards first"),
+                ("buckets", self.buckets, "digits are all 8×8: there is nothing to bucket"),
+            ):
+                if value:
+                    raise ValueError(f"data.{key}={getattr(self, key)!r} is not allowed with data.format='digits': {why}")
+        elif not self.path:
+            raise ValueError(f"data.path is required with data.format={self.format!r}: the directory holding the shards")
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_window", 1),
+                         ("image_size", 1), ("skip_check_after", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{key}={value!r} is not allowed: an integer ≥ {low}")
+        if self.buckets and self.image_size % 16:
+            raise ValueError(f"data.image_size={self.image_size!r} is not allowed with data.buckets=true: the bucket "
+                             "base resolution must be a multiple of 16 (e.g. 256, 512, 1024)")
+        if not 0.0 <= float(self.max_skipped_fraction) <= 1.0:
+            raise ValueError(f"data.max_skipped_fraction={self.max_skipped_fraction!r} is not allowed: a number in [0, 1]")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed!r} is not allowed: an integer ≥ 0")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{key}={value!r} is not allowed: one of {', '.join(allowed)}")

@@ -1,0 +1,112 @@
+"""Raw sample fields → rows of a batch, checking everything the task relies on.
+
+A `BatchBuilder` decodes each sample straight into its row of preallocated batch tensors (see
+`data/slots.py`): a float16 latent or embedding is converted once, by the copy into the float32
+batch. A sample that fails a check raises `SampleError`; its half-written row is simply reused.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.schema import SampleError
+from data.transforms import prepare_image, to_chw
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of one group must decode to (derived from the config and the manifest)."""
+
+    input: str  # image | latent
+    cond: str  # class | text_emb | caption | none
+    x_shape: tuple[int, int, int]  # (C, H, W) of batch["x"] rows
+    num_classes: Optional[int] = None
+    text_shape: Optional[tuple[int, int]] = None  # (L, D)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    labels: bool = False  # batches carry `y`: the task needs it, or the data has it (an int costs nothing)
+
+    @property
+    def fields(self) -> frozenset[str]:
+        need = {self.input} | ({"cls"} if self.labels or self.cond == "class" else set())
+        need |= {"class": set(), "text_emb": {"text_emb", "text_mask"}, "caption": {"caption"}, "none": set()}[self.cond]
+        return frozenset(need)
+
+
+class BatchBuilder:
+    def __init__(self, spec: SampleSpec, batch_size: int, out: dict[str, torch.Tensor]):
+        """`out`: the batch tensors to fill (see `data.slots.batch_views`)."""
+        self.spec = spec
+        self.size = batch_size
+        self.rows = 0
+        self.x = out["x"]
+        self.y = out.get("y")
+        self.text_emb, self.text_mask = out.get("text_emb"), out.get("text_mask")
+        self.keys: list[str] = []
+        self.captions: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        return self.rows == self.size
+
+    def add(self, raw: dict[str, Any]) -> None:
+        """Decode `raw` into the next row, or raise SampleError and leave the row free."""
+        spec, row = self.spec, self.rows
+        missing = sorted(spec.fields - raw.keys())
+        if missing:
+            raise SampleError("missing_field", f"no {', '.join(missing)} (the task needs {', '.join(sorted(spec.fields))})")
+        if self.y is not None:
+            label = raw["cls"]
+            if not isinstance(label, (int, np.integer)) or not 0 <= label < (spec.num_classes or 2**62):
+                raise SampleError("bad_label", f"class label {label!r} is outside [0, {spec.num_classes})")
+        if spec.input == "image":
+            self.x[row] = decode_image(raw["image"], spec.x_shape)
+        else:
+            _copy_array(self.x[row], raw["latent"], spec.x_shape, "latent")
+            if spec.shift_factor:
+                self.x[row].sub_(spec.shift_factor)
+            self.x[row].mul_(spec.scaling_factor)
+        if self.y is not None:
+            self.y[row] = int(label)
+        if spec.cond == "text_emb":
+            assert spec.text_shape is not None
+            _copy_array(self.text_emb[row], raw["text_emb"], spec.text_shape, "text_emb")
+            mask = raw["text_mask"]
+            if mask.shape != spec.text_shape[:1]:
+                raise SampleError("bad_shape", f"text_mask has shape {tuple(mask.shape)}, expected ({spec.text_shape[0]},)")
+            self.text_mask[row] = torch.from_numpy(np.asarray(mask) != 0)
+        if spec.cond == "caption":
+            self.captions.append(raw["caption"])
+        self.keys.append(raw["key"])
+        self.rows += 1
+
+def _copy_array(dst: torch.Tensor, arr: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    if tuple(arr.shape) != tuple(shape):
+        raise SampleError("bad_shape", f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if arr.dtype.kind != "f":
+        raise SampleError("bad_shape", f"{name} has dtype {arr.dtype}, expected a float array")
+    dst.copy_(torch.from_numpy(arr))  # the one copy, converting float16 → float32
+    # A sum is finite exactly when every element is (fp32 cannot overflow on fp16-range values).
+    if not math.isfinite(float(dst.sum())):
+        bad = int((~torch.isfinite(dst)).sum())
+        raise SampleError("nonfinite", f"{name} holds {bad} NaN/Inf values")
+
+
+def decode_image(data: Any, shape: tuple[int, int, int]) -> torch.Tensor:
+    channels, h, w = shape
+    if isinstance(data, np.ndarray):  # the in-memory digits: already pixels
+        pixels = data
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                pixels = np.array(im.convert("L" if channels == 1 else "RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            raise SampleError("decode_error", f"image cannot be decoded: {type(e).__name__}: {e}") from e
+    return prepare_image(to_chw(pixels), (h, w))
