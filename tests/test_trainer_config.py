@@ -1,0 +1,56 @@
+"""Configuration errors are caught before any process group, naming key, value and what is allowed."""
+import pytest
+
+from trainer.config import ConfigError, RunConfig, config_hash, load_config
+from tests.trainer_utils import write_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml"), ["optim.lr=3e-4", "student.args.depth=3"], world_size=2)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.optim.lr == 3e-4 and cfg.student.args["depth"] == 3
+    assert cfg.train.micro_batch == 8 and cfg.data.batch_size == 8  # 16 / 2 ranks
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["optim.lrr=1"], r"unknown config key 'optim.lrr'.*allowed here: \[.*'lr'"),
+        (["train.steps=ten"], r"train.steps.*ten"),
+        (["dynamic.flops_target=1.5"], r"dynamic.flops_target=1.5.*\(0, 1\]"),
+        (["dynamic.flops_target=0"], r"dynamic.flops_target=0"),
+        (["engine.kind=horovod"], r"engine.kind='horovod'.*one of"),
+        (["train.global_batch=10"], r"train.global_batch=10.*divisible by world_size x micro_batch = 4 x"),
+        (["train.micro_batch=3"], r"divisible by world_size x micro_batch = 4 x 3"),
+        (["data.format=parquet"], r"data.format='parquet'"),
+        (["checkpoint.resume=latest"], r"checkpoint.resume='latest'"),
+        (["train.preempt_signals=[SIGFOO]"], r"SIGFOO"),
+        (["optim"], r"key.sub=value"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write_config(tmp_path / "c.yaml"), overrides, world_size=4)
+
+
+def test_teacher_path_required_and_must_exist(tmp_path):
+    path = write_config(tmp_path / "c.yaml", teacher={"path": None}, student={"init": "inherit"})
+    with pytest.raises(ConfigError, match=r"teacher.path=None.*teacher=null"):
+        load_config(path, [], world_size=1)
+    with pytest.raises(ConfigError, match=r"teacher.path='/nope/dit.pt'.*no such file"):
+        load_config(path, ["teacher.path=/nope/dit.pt"], world_size=1)
+    with pytest.raises(ConfigError, match=r"student.init='inherit'.*needs a teacher"):
+        load_config(path, ["teacher=null"], world_size=1)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", [], world_size=1)
+
+
+def test_config_hash_ignores_run_dir(tmp_path):
+    path = write_config(tmp_path / "c.yaml")
+    a = load_config(path, ["run_dir=/a"], world_size=1)
+    b = load_config(path, ["run_dir=/b"], world_size=1)
+    c = load_config(path, ["optim.lr=1"], world_size=1)
+    assert config_hash(a) == config_hash(b) != config_hash(c)

@@ -1,0 +1,107 @@
+"""Build what a run trains from its config: objective, teacher, student (with inherited weights).
+
+These run before the engine wraps anything; the teacher is loaded on the CPU and checked against
+the student before any process group exists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import DiT, DiTConfig, build_model, model_config
+from models.diffusion import build_objective as _build_objective
+from models.inherit import InheritReport, default_exclude, inherit_weights
+from trainer.config import ConfigError, RunConfig
+
+
+def build_objective(cfg: RunConfig):
+    d = cfg.diffusion
+    if d.objective == "gaussian":
+        return _build_objective("gaussian", num_timesteps=d.num_timesteps, timestep_sampling=d.timestep_sampling)
+    sampling = "uniform" if d.timestep_sampling in ("uniform", "stratified") else d.timestep_sampling
+    return _build_objective("flow", timestep_sampling=sampling)
+
+
+def student_config(cfg: RunConfig) -> DiTConfig:
+    try:
+        return model_config(cfg.student.model, **dict(cfg.student.args))
+    except ValueError as e:
+        raise ConfigError(f"config student.model={cfg.student.model!r} / student.args: {e}") from e
+
+
+def check_pair(student: DiTConfig, teacher: DiTConfig) -> None:
+    """Teacher and student must read the same inputs and write the same outputs."""
+    for key in ("input_size", "in_channels", "learn_sigma", "num_classes", "patch_size"):
+        if getattr(student, key) != getattr(teacher, key):
+            raise ConfigError(
+                f"student/teacher shape mismatch: student.args.{key}={getattr(student, key)!r} but the teacher "
+                f"has {key}={getattr(teacher, key)!r}; set student.args.{key} to match"
+            )
+
+
+def teacher_identity(path: str, teacher_cfg: DiTConfig) -> dict[str, Any]:
+    """Path, content hash and architecture of the teacher, stored in every checkpoint manifest."""
+    p = Path(path).resolve()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    arch = hashlib.sha256(json.dumps(teacher_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return {"path": str(p), "sha256": h.hexdigest(), "config_hash": arch}
+
+
+def load_teacher(cfg: RunConfig) -> tuple[DiT | None, dict[str, Any]]:
+    """The frozen teacher on the CPU (or None with `teacher: null`) and its identity."""
+    if cfg.teacher is None:
+        return None, {}
+    from models.convert import load_pretrained
+
+    teacher = load_pretrained(cfg.teacher.path, prefer=cfg.teacher.prefer)
+    check_pair(student_config(cfg), teacher.config)
+    teacher.eval().requires_grad_(False)
+    return teacher, teacher_identity(cfg.teacher.path, teacher.config)
+
+
+def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[DiT, InheritReport | None]:
+    """The student, initialised as `student.init` says (inheritance follows LiT/DyDiT's rules)."""
+    model = build_model(student_config(cfg))
+    init = cfg.student.init
+    if init == "random":
+        return model, None
+    if init == "path":
+        from models.convert import read_checkpoint
+
+        source = read_checkpoint(cfg.student.init_path)
+        state, src_cfg = source.state_dict, source.config
+    else:
+        assert teacher is not None  # validated: inherit needs a teacher
+        state, src_cfg = teacher.state_dict(), teacher.config
+    exclude = cfg.student.inherit_exclude
+    if exclude is None:
+        exclude = default_exclude(src_cfg, model.config)
+    report = inherit_weights(model, state, exclude)
+    return model, report
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank streams: ranks draw different noise, and a rank's stream is reproducible."""
+    import random
+
+    import numpy as np
+
+    s = seed * 1000 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)

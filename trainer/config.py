@@ -1,0 +1,289 @@
+"""The run's configuration: one typed dataclass tree, YAML + dotted overrides, validated up front.
+
+`load_config(path, overrides, world_size)` is called before any process group exists, so a typo
+costs seconds, not a queue wait. Every error names the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from data.config import DataConfig
+
+
+@dataclass
+class StudentConfig:
+    model: str = "lit-s/2"  # registry name (models/registry.py)
+    args: Dict[str, Any] = field(default_factory=dict)  # DiTConfig overrides, e.g. {depth: 2}
+    init: str = "inherit"  # inherit (from the teacher) | random | path
+    init_path: Optional[str] = None  # with init=path: a checkpoint any format load_pretrained reads
+    inherit_exclude: Optional[List[str]] = None  # key patterns not copied; None = the family's rule
+
+
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None  # official DiT .pt, diffusers dir, or our safetensors export
+    prefer: str = "ema"  # which weights of a training checkpoint: ema | model
+    shard: bool = False  # FSDP-shard the frozen teacher in its own units (else replicate)
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    allow_changed: bool = False  # resume even if the teacher's identity differs from the checkpoint's
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "gaussian"  # gaussian (DDPM, learned sigma) | flow (rectified flow)
+    num_timesteps: int = 1000
+    timestep_sampling: str = "uniform"  # uniform | stratified (DyDiT's --t_sample)
+    cfg_dropout: float = 0.1  # guidance dropout, one draw shared by teacher and student
+
+
+@dataclass
+class DistillConfig:
+    lambda_noise: float = 0.5  # λ1: MSE(ε_S, ε_T)
+    lambda_var: float = 0.05  # λ2: MSE(Σ_S, Σ_T)
+    diffusion_weight: float = 1.0  # weight of the ground-truth diffusion loss
+
+
+@dataclass
+class DynamicConfig:
+    flops_target: float = 0.5  # λ, the target ratio of dynamic to static FLOPs
+    flops_weight: float = 2.0
+    warmup_steps: int = 1000  # target annealed from 1 to λ
+    hold_steps: int = 100  # target held at 1 at the start
+    complete_model_loss: bool = False  # DyDiT stage 1: also train the complete model on the same x_t
+    router_lr_mult: float = 1.0  # routers' learning rate relative to optim.lr (short runs need > 1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max grad norm; 0 disables clipping
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    min_lr_ratio: float = 0.0
+    fused: str = "auto"  # auto | torch | apex | none
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: bool = True  # decay_t = min(decay, (1+t)/(10+t)), so a short run's EMA tracks training
+    every: int = 1
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "auto"  # auto | single | ddp | fsdp | deepspeed
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
+    activation_checkpointing: str = "none"  # none | full | every-k
+    ac_every: int = 2  # with every-k: checkpoint one block in k
+    deepspeed_config: Optional[str] = None  # configs/deepspeed/zero2.json ...
+    compile: bool = False  # torch.compile each student block
+    collective_timeout_s: int = 600
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 32
+    micro_batch: int = 0  # per-rank micro-batch; 0 = global_batch / world_size (no accumulation)
+    seed: int = 0
+    log_every: int = 10
+    max_nonfinite: int = 5  # consecutive NaN/Inf steps before the run stops
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # set a flag only
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every n-th step forever; 0 = off
+    async_save: bool = True
+    resume: str = "auto"  # auto (latest valid, else fresh) | never | a step number (must exist)
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0  # 0 = never during training
+    num: int = 16
+    steps: int = 50
+    method: str = "ddpm"  # ddpm | ddim | euler
+    cfg_scale: float = 1.5
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: Optional[TeacherConfig] = field(default_factory=TeacherConfig)  # null: train from scratch
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names key, value and what is allowed."""
+
+
+CHOICES = {
+    "student.init": ("inherit", "random", "path"),
+    "teacher.prefer": ("ema", "model"),
+    "teacher.dtype": ("auto", "fp32", "bf16"),
+    "diffusion.objective": ("gaussian", "flow"),
+    "diffusion.timestep_sampling": ("uniform", "stratified"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "optim.fused": ("auto", "torch", "apex", "none"),
+    "engine.kind": ("auto", "single", "ddp", "fsdp", "deepspeed"),
+    "engine.mixed_precision": ("auto", "fp32", "bf16"),
+    "engine.activation_checkpointing": ("none", "full", "every-k"),
+    "sample.method": ("ddpm", "ddim", "euler"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config {key}={value!r} is invalid: {allowed}")
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced (torchrun, srun, deepspeed), before any process group."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def validate(cfg: RunConfig, world_size: int) -> RunConfig:
+    """Check values and combinations; fills `train.micro_batch` when 0. Raises ConfigError."""
+    for key, allowed in CHOICES.items():
+        if key.startswith("teacher.") and cfg.teacher is None:
+            continue
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise _fail(key, value, f"one of {allowed}")
+    if cfg.train.steps <= 0:
+        raise _fail("train.steps", cfg.train.steps, "a positive number of optimizer steps")
+    if cfg.train.global_batch <= 0:
+        raise _fail("train.global_batch", cfg.train.global_batch, "a positive integer")
+    micro = cfg.train.micro_batch or cfg.train.global_batch // max(world_size, 1)
+    if micro <= 0 or cfg.train.global_batch % (world_size * micro):
+        raise _fail(
+            "train.global_batch",
+            cfg.train.global_batch,
+            f"must be divisible by world_size x micro_batch = {world_size} x {micro}; "
+            "change train.global_batch or train.micro_batch",
+        )
+    cfg.train.micro_batch = micro
+    cfg.data.batch_size = micro
+    if not 0.0 < cfg.dynamic.flops_target <= 1.0:
+        raise _fail("dynamic.flops_target", cfg.dynamic.flops_target, "λ must lie in (0, 1]")
+    for key in ("distill.lambda_noise", "distill.lambda_var", "distill.diffusion_weight", "optim.weight_decay", "optim.grad_clip"):
+        if _get(cfg, key) < 0:
+            raise _fail(key, _get(cfg, key), "must be >= 0")
+    if cfg.dynamic.router_lr_mult <= 0:
+        raise _fail("dynamic.router_lr_mult", cfg.dynamic.router_lr_mult, "must be > 0")
+    if cfg.optim.lr <= 0:
+        raise _fail("optim.lr", cfg.optim.lr, "must be > 0")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise _fail("ema.decay", cfg.ema.decay, "in [0, 1)")
+    if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
+        raise _fail("diffusion.cfg_dropout", cfg.diffusion.cfg_dropout, "in [0, 1)")
+    import signal as _signal
+
+    for name in cfg.train.preempt_signals:
+        if not hasattr(_signal, name):
+            raise _fail("train.preempt_signals", name, "signal names such as SIGTERM, SIGUSR1, SIGUSR2")
+    if cfg.engine.activation_checkpointing == "every-k" and cfg.engine.ac_every < 1:
+        raise _fail("engine.ac_every", cfg.engine.ac_every, ">= 1")
+    if cfg.engine.kind == "deepspeed" and not cfg.engine.deepspeed_config:
+        raise _fail("engine.deepspeed_config", None, "a ZeRO JSON such as configs/deepspeed/zero2.json when engine.kind=deepspeed")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not str(resume).isdigit():
+        raise _fail("checkpoint.resume", resume, "auto | never | a step number")
+    if cfg.teacher is None:
+        if cfg.student.init == "inherit":
+            raise _fail("student.init", "inherit", "inherit needs a teacher; with teacher=null use random or path")
+    else:
+        if not cfg.teacher.path:
+            raise _fail("teacher.path", cfg.teacher.path, "the teacher's checkpoint path (or teacher=null to train from scratch)")
+        if not Path(cfg.teacher.path).exists():
+            raise _fail("teacher.path", cfg.teacher.path, "no such file or directory")
+    if cfg.student.init == "path":
+        if not cfg.student.init_path or not Path(cfg.student.init_path).exists():
+            raise _fail("student.init_path", cfg.student.init_path, "an existing checkpoint when student.init=path")
+    try:
+        cfg.data.validate()
+    except ValueError as e:
+        raise ConfigError(f"config data: {e}") from e
+    return cfg
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        node = OmegaConf.select(schema, parent) if parent else schema
+        allowed = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        return ConfigError(f"unknown config key {key!r}; allowed here: {allowed}")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"config {key}: {msg}")
+    return ConfigError(f"config {key}: {str(e).splitlines()[0]}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, world_size: int | None = None
+) -> RunConfig:
+    """YAML file, then `key.sub=value` overrides, typed against `RunConfig`, then validated."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = schema
+        if path is not None:
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"config file {str(p)!r} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value; got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema) from None
+    return validate(cfg, world_size_from_env() if world_size is None else world_size)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Hash of what determines the training trajectory (not where it is written)."""
+    import hashlib
+
+    import json
+
+    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    d.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,220 @@
+"""The linear story of a run: build → resume → for each step: data, step, log, checkpoint, preempt?
+
+Everything a step needs is built by the modules it imports; this file only orders them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data import build_loader
+from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
+from trainer.checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state, stateful
+from trainer.config import RunConfig, config_hash, to_yaml
+from trainer.distributed import DistEnv, all_reduce_mean, any_rank, destroy_distributed, init_distributed
+from trainer.engines import build_engine
+from trainer.evaluate import router_map, sample_images
+from trainer.monitor import Monitor, peak_memory_gb
+from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from trainer.step import DistillStep, Stopwatch
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    preempted: bool = False
+    exit_code: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def train(cfg: RunConfig, teacher=None, teacher_id: dict[str, Any] | None = None) -> RunResult:
+    """Run (or resume) the training described by `cfg`; returns where it stopped and why."""
+    env = init_distributed(cfg.engine.collective_timeout_s)
+    try:
+        return _train(cfg, env, teacher, teacher_id)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if teacher is None and cfg.teacher is not None:
+        teacher, teacher_id = load_teacher(cfg)
+
+    torch.manual_seed(cfg.train.seed)  # identical student initialisation on every rank
+    student, report = build_student(cfg, teacher)
+    seed_everything(cfg.train.seed, env.rank)
+    objective = build_objective(cfg)
+    engine = build_engine(cfg, env)
+    engine.setup(student, teacher)
+    loader = build_loader(cfg.data, env.rank, env.world_size)
+    step_fn = DistillStep(cfg, objective, engine)
+
+    identity = {"config_hash": config_hash(cfg), "teacher": teacher_id or None}
+    ckpt = Checkpointer(
+        run_dir, env, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save, identity=identity,
+    )
+    app = {"engine": stateful(engine.state_dict, engine.load_state_dict)}
+    state = {"step": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
+    start = _resume(cfg, env, ckpt, app, state, loader, step_fn, teacher_id)
+
+    monitor = Monitor(run_dir, env, cfg.train.steps, start)
+    monitor.text(
+        f"[ditill] engine={engine.name} world={env.world_size} device={env.device} "
+        f"student={cfg.student.model} ({count_parameters(engine.raw_student) / 1e6:.2f}M params) "
+        f"teacher={'none' if teacher is None else cfg.teacher.path} start_step={start}"
+        + (f" inherit: {report.summary()}" if report else "")
+    )
+    preempt = PreemptionFlag(tuple(cfg.train.preempt_signals))
+    accum = cfg.train.global_batch // (env.world_size * cfg.train.micro_batch)
+    watch = Stopwatch(env.device)
+    data_iter = iter(loader)
+    result = RunResult(step=start)
+    step = start
+    sums: dict[str, float] = {}
+    try:
+        while step < cfg.train.steps:
+            log_now = _every(step + 1, cfg.train.log_every) or step + 1 == cfg.train.steps
+            watch.reset(precise=log_now)
+            t_step = time.perf_counter()
+            terms: dict[str, torch.Tensor] = {}
+            for a in range(accum):
+                with watch.section("data"):
+                    batch = next(data_iter)
+                with engine.accumulate(a == accum - 1):
+                    micro = step_fn(batch, step, watch, 1.0 / accum)
+                for k, v in micro.items():
+                    terms[k] = terms.get(k, 0.0) + v / accum
+            with watch.section("optimizer"):
+                out = engine.step(step)
+            step += 1
+            state["step"] = step
+            skipped = out["skipped"] > 0 or not math.isfinite(float(terms["loss"]))
+            state["skipped_steps"] += int(skipped)
+            state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
+            if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
+                good = ckpt.complete_steps()
+                raise NonFiniteError(
+                    f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (last at step "
+                    f"{step}); the last good checkpoint is {good[-1] if good else 'none'} in {ckpt.root}. "
+                    "Lower optim.lr, enable optim.grad_clip, or check the data."
+                )
+            step_time = time.perf_counter() - t_step
+            for k, v in {**{k: float(v) for k, v in terms.items()}, **out}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["_n"] = sums.get("_n", 0.0) + 1
+            if log_now:
+                result.metrics = _log(cfg, env, monitor, step, sums, watch, step_time, loader, state)
+                sums = {}
+            monitor.progress(step, float(terms["loss"]))
+            if _every(step, cfg.sample.every):
+                _evaluate(cfg, engine, objective, monitor, step)
+            stop = any_rank(preempt.requested, env.device)
+            if _every(step, cfg.checkpoint.every) or stop or step == cfg.train.steps:
+                _save(ckpt, engine_app=app, state=state, loader=loader, step_fn=step_fn, step=step, blocking=stop or step == cfg.train.steps)
+            if stop:
+                monitor.text(f"[ditill] preemption ({preempt.signal_name or 'another rank'}): checkpointed step {step}, exiting for requeue")
+                result.preempted, result.exit_code = True, REQUEUE_EXIT_CODE
+                break
+        result.step = step
+        ckpt.wait()
+    finally:
+        preempt.restore()
+        monitor.close()
+        if hasattr(loader, "close"):
+            loader.close()
+    return result
+
+
+def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_id) -> int:
+    request = str(cfg.checkpoint.resume)
+    path = ckpt.find_resume(request)
+    if path is None:
+        if request == "never" and ckpt.complete_steps():
+            raise CheckpointError(
+                f"checkpoint.resume=never but {ckpt.root} holds checkpoints {ckpt.complete_steps()}; "
+                "use a new run_dir, or checkpoint.resume=auto to continue"
+            )
+        return 0
+    manifest = ckpt.manifest(path)
+    saved_teacher = (manifest.get("teacher") or {}) if isinstance(manifest.get("teacher"), dict) else {}
+    if teacher_id and saved_teacher and saved_teacher.get("sha256") != teacher_id.get("sha256"):
+        if not (cfg.teacher and cfg.teacher.allow_changed):
+            raise CheckpointError(
+                f"the teacher changed since {path} was written (was {saved_teacher.get('path')}, now "
+                f"{teacher_id.get('path')}); resume with the same teacher or set teacher.allow_changed=true"
+            )
+    extras = ckpt.load(path, app)
+    if "resharded_from" in extras:
+        old = extras["resharded_from"]
+        state.update(old[0]["train"])
+        step_fn.shared.set_state(torch.tensor(old[0]["shared_rng"], dtype=torch.uint8))
+        seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)  # per-rank streams cannot carry over
+        loader.load_state_dict(old[0]["loader"])
+    else:
+        state.update(extras["train"])
+        set_rng_state(extras["rng"])
+        step_fn.shared.set_state(torch.tensor(extras["shared_rng"], dtype=torch.uint8))
+        loader.load_state_dict(extras["loader"])
+    return int(state["step"])
+
+
+def _save(ckpt: Checkpointer, *, engine_app, state, loader, step_fn, step: int, blocking: bool) -> None:
+    extra = {
+        "train": dict(state),
+        "rng": rng_state(),
+        "shared_rng": step_fn.shared.get_state().tolist(),
+        "loader": loader.state_dict(),
+    }
+    ckpt.save(step, engine_app, extra, blocking=blocking)
+
+
+def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_time: float, loader, state) -> dict[str, float]:
+    n = sums.pop("_n", 1.0)
+    values = {k: v / n for k, v in sums.items()}
+    values.update({f"time/{k}": v for k, v in watch.times.items()})
+    values["time/step"] = step_time
+    values["throughput/samples_per_s"] = cfg.train.global_batch / max(step_time, 1e-9)
+    values["memory/peak_gb"] = peak_memory_gb(env.device)
+    stats = loader.stats() if hasattr(loader, "stats") else {}
+    values.update({k: float(v) for k, v in stats.items()})
+    values = all_reduce_mean(values, env.device)
+    values["train/skipped_steps"] = float(state["skipped_steps"])
+    monitor.scalars(step, values)
+    return values
+
+
+def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int) -> None:
+    raw = engine.raw_student
+    for name, module in engine.eval_modules():
+        imgs = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast())
+        monitor.images(step, f"samples/{name}", imgs)
+    if raw.config.dynamic:
+        maps = router_map(engine.ema.module if engine.ema else engine.student, raw, objective, engine.env.device)
+        for k, m in maps.items():
+            monitor.heatmap(step, f"routers/{k}", m)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main_exit(result: RunResult) -> None:
+    sys.exit(result.exit_code)

@@ -1,0 +1,65 @@
+"""AdamW and the LR schedule (linear warm-up, then constant, cosine or linear decay)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from trainer.config import OptimConfig
+
+
+def _apex_fused_adam():
+    """NVIDIA apex's FusedAdam when it is already importable (never installed by us)."""
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return FusedAdam
+
+
+ROUTER_KEYS = ("attn_rate.", "mlp_rate.", "token_selection.")
+
+
+def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], router_lr_mult: float) -> list[dict]:
+    """Trainable parameters, routers in their own group when their LR differs."""
+    base, routers = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (routers if router_lr_mult != 1.0 and any(k in name for k in ROUTER_KEYS) else base).append(p)
+    groups = [{"params": base, "lr_mult": 1.0}]
+    if routers:
+        groups.append({"params": routers, "lr_mult": router_lr_mult})
+    return groups
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [{**g, "lr": cfg.lr * g.get("lr_mult", 1.0)} for g in groups]
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.fused == "apex" or (cfg.fused == "auto" and device.type == "cuda"):
+        fused_adam = _apex_fused_adam()
+        if fused_adam is not None:
+            return fused_adam(params, adam_w_mode=True, **kwargs)
+        if cfg.fused == "apex":
+            raise RuntimeError("optim.fused=apex but NVIDIA apex is not importable; use optim.fused=auto")
+    if cfg.fused in ("auto", "torch") and device.type == "cuda":
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, foreach=cfg.fused != "none", **kwargs)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
