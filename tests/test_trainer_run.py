@@ -108,3 +108,23 @@ def test_distillation_from_a_teacher_file_lowers_the_kd_loss(tmp_path):
     first, last = sum(kd[:5]) / 5, sum(kd[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     assert path.read_bytes() == before
+
+
+def test_export_consolidates_student_and_ema(tmp_path):
+    from models import load_pretrained
+    from trainer.export import export_run
+
+    cfg = write_config(tmp_path / "c.yaml", model="lit-s/2", train={"steps": 3}, checkpoint={"every": 3},
+                       optim={"lr": 1e-2})
+    _ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}", "engine.kind=fsdp"], nproc=2))  # sharded on disk
+    paths = export_run(tmp_path / "r", tmp_path / "out")
+    student, ema = load_pretrained(paths["student"]), load_pretrained(paths["ema"])
+    assert student.config.attention == "linear" and student.config.num_heads == 2
+    s, e = student.state_dict(), ema.state_dict()
+    moved = [k for k in s if not torch.equal(s[k], e[k])]
+    assert moved  # the EMA lags the student
+    torch.manual_seed(0)
+    from models import build_model
+
+    init = build_model(student.config).state_dict()
+    assert not torch.equal(init["blocks.0.mlp.fc1.weight"], s["blocks.0.mlp.fc1.weight"])  # trained
