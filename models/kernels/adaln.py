@@ -236,6 +236,7 @@ def _covered(x: torch.Tensor, *rows: torch.Tensor, params: tuple[torch.Tensor, .
     return all(t.dtype in FLOAT_DTYPES for t in (x, *rows, *params))
 
 
+@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Same contract and output dtype as `reference.modulate_layernorm` (x (B,N,D), shift/scale (B,D))."""
     if not _covered(x, params=(shift, scale)):
@@ -245,6 +246,7 @@ def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     return ModulateLayerNormFunction.apply(x, shift, scale, eps, out_dtype)
 
 
+@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.gated_residual`: `x + gate[:, None]·y`, in the promoted dtype.
 

@@ -144,7 +144,11 @@ def _backward(q, k, v, out, s, z, den, dout):
 
 
 class LinearAttentionFunction(torch.autograd.Function):
-    """autograd wrapper: saves q, k, v, out and the small fp32 S, z, den for the backward."""
+    """autograd wrapper: saves q, k, v, out and the small fp32 S, z, den for the backward.
+
+    out is saved (the backward's delta = rowsum(dO ⊙ out)), so modifying the returned tensor in
+    place before backward raises autograd's version-counter error rather than a wrong gradient.
+    """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -160,6 +164,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Same contract as `reference.linear_attention`: q (B,H,Nq,D), k (B,H,Nk,D), v (B,H,Nk,E) → (B,H,Nq,E).
 

@@ -53,7 +53,7 @@ def _scatter_add_kernel(
         b = idx // N
         g = tl.load(GATE + b[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * g
-    tl.atomic_add(OUT + idx[:, None] * D + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    tl.atomic_add(OUT + idx[:, None] * D + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -77,9 +77,9 @@ def _scatter_add_bwd_kernel(
     b_lo = tl.min(tl.where(mask_j, b, 2**62), axis=0)
     b_hi = tl.max(tl.where(mask_j, b, -1), axis=0)
     if b_lo == b_hi:
-        tl.atomic_add(DGATE + b_lo * D + cols, tl.sum(prod, axis=0), mask=mask_d)
+        tl.atomic_add(DGATE + b_lo * D + cols, tl.sum(prod, axis=0), mask=mask_d, sem="relaxed")
     else:
-        tl.atomic_add(DGATE + b[:, None] * D + cols[None, :], prod, mask=mask)
+        tl.atomic_add(DGATE + b[:, None] * D + cols[None, :], prod, mask=mask, sem="relaxed")
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -157,6 +157,7 @@ def _index_ok(x: torch.Tensor, index: torch.Tensor) -> bool:
     return x.dim() == 3 and index.dim() == 1 and not index.is_floating_point() and x.dtype in FLOAT_DTYPES
 
 
+@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.gather_tokens`; a Triton gather, for measurement (see module doc)."""
     if not _index_ok(x, index) or index.numel() == 0:
@@ -165,6 +166,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return GatherTokensFunction.apply(x, index)
 
 
+@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def scatter_add_tokens(
     x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -4,6 +4,11 @@ Triton decides between compiling and interpreting when a `@triton.jit` function 
 `INTERPRET` is read once here, at import, exactly as Triton reads it. Under the interpreter every
 config would be benchmarked at ~250× torch's cost, so a `TunedKernel` then launches the plain
 kernel with `interpret_meta`, a dict the tests may edit to exercise other block sizes.
+
+The public ops are wrapped in `torch.compiler.disable`: under `torch.compile` each is a graph
+break that runs the fused kernel eagerly. The kernel is already one pass over memory, and
+Dynamo tracing these launchers (autotune with config pruning, Python-side split heuristics;
+the interpreter's own Python under TRITON_INTERPRET) fails hard rather than falling back.
 """
 from __future__ import annotations
 
@@ -40,10 +45,16 @@ class TunedKernel:
         self.interpret_meta = dict(interpret_meta)
         self.tuned = None if INTERPRET else self.autotuner()
 
-    def autotuner(self, do_bench: Callable[..., Any] | None = None) -> Any:
-        """`triton.autotune` over the GPU configs (the tests pass a stand-in `do_bench` to run it interpreted)."""
-        prune_by = {"early_config_prune": self.prune} if self.prune is not None else None
-        return triton.autotune(configs=self.configs, key=self.key, prune_configs_by=prune_by, do_bench=do_bench)(self.fn)
+    def autotuner(
+        self, do_bench: Callable[..., Any] | None = None, configs: Sequence[triton.Config] | None = None
+    ) -> Any:
+        """`triton.autotune` over the GPU configs, or over `configs` (the GPU check runs each alone).
+
+        The tests pass a stand-in `do_bench` to run the autotuning path interpreted.
+        """
+        configs = list(configs) if configs is not None else self.configs
+        prune_by = {"early_config_prune": self.prune} if self.prune is not None and len(configs) > 1 else None
+        return triton.autotune(configs=configs, key=self.key, prune_configs_by=prune_by, do_bench=do_bench)(self.fn)
 
     def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]) -> Callable[..., Any]:
         if self.tuned is not None:
