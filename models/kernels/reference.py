@@ -13,12 +13,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     """Non-causal ReLU linear attention, `O_i = φ(q_i)·(Σ_j φ(k_j)ᵀ v_j / N) / (φ(q_i)·mean_j φ(k_j) + eps)`.
 
     q, k, v: (B, H, N, d). The feature map φ = ReLU is applied here. The K^T V state and the
-    normaliser are formed in fp32 with autocast off (fp16/bf16 state overflows or loses the sum);
-    dividing both by N keeps them in range without changing the result beyond the eps term.
+    normaliser are formed in at least fp32 with autocast off (fp16/bf16 state overflows or loses
+    the sum; float64 inputs stay float64, so the reference can be gradchecked); dividing both by N
+    keeps them in range without changing the result beyond the eps term.
     Returns (B, H, N, d) in v's dtype.
     """
     out_dtype = v.dtype
-    acc = torch.promote_types(v.dtype, torch.float32)  # at least fp32; float64 stays float64
+    # at least fp32 (fp16/bf16 state overflows or loses the sum); float64 inputs stay float64
+    acc = torch.promote_types(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype), torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf = F.relu(q.to(acc))
         kf = F.relu(k.to(acc))
