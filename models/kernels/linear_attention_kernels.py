@@ -56,7 +56,8 @@ def state_kernel(
     for _ in range(n_start, n_end, BLOCK_N):
         mask_n = offs_n < n_end
         a = tl.load(a_ptrs, mask=mask_n[:, None] & mask_a[None, :], other=0.0)
-        a = tl.maximum(a, tl.zeros_like(a))  # ReLU in the input dtype (a float 0.0 would promote)
+        # ReLU kept in the input dtype: some Triton versions compute bf16 max in fp32 and return fp32
+        a = tl.where(a > 0, a, tl.zeros_like(a)).to(A.dtype.element_ty)
         bv = tl.load(b_ptrs, mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         if BWD:
             den = tl.load(den_ptrs, mask=mask_n, other=1.0)
