@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     latent = tuple(int(s) for s in args.latent.split(","))
     text = tuple(int(s) for s in args.text.split(","))
     assert len(text) == 2, "--text is L,D"
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every number: say how busy it was
     root = tempfile.mkdtemp(prefix="ditill-bench-", dir=args.dir)
     results: list[dict[str, Any]] = []
     try:
@@ -105,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     passed = all(r["ratio"] >= BAR for r in results if r["workers"] == 2)
+    load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     if args.json:
         print(json.dumps({"suite": "data", "samples": args.samples, "batch_size": args.batch_size, "sample_shape":
-                          {"latent": latent, "text_emb": text}, "bar": BAR, "passed": passed, "results": results}, indent=1))
+                          {"latent": latent, "text_emb": text}, "bar": BAR, "passed": passed, "load_average": load, "results": results}, indent=1))
     else:
-        print(f"data loader vs raw read: {args.samples} samples/format, latent {latent} + text {text} fp16, batch {args.batch_size}")
+        print(f"data loader vs raw read: {args.samples} samples/format, latent {latent} + text {text} fp16, batch {args.batch_size}; "
+              f"load average {load['before']:.1f} → {load['after']:.1f} on {load['cpus']} CPUs")
         print(f"{'format':<6} {'reader':<20} {'workers':>7} {'samples/s':>10} {'MB/s':>9} {'ratio':>6}")
         for r in results:
             w = "-" if r["workers"] is None else r["workers"]
