@@ -13,7 +13,7 @@ import pytest
 from data import DataConfig, DataError, build_loader
 from data.schema import wds_members
 from data.sources import digits_source
-from tests.data_helpers import LATENT, latent_sample, take, write_digits, write_raw
+from tests.data_helpers import latent_sample, take, write_digits, write_raw
 
 N = 10  # samples per shard
 
