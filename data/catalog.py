@@ -34,9 +34,9 @@ class ShardLocator:
         if self.kind == "mds":
             assert self.entry is not None
             return MdsShard(self.path, self.entry)
-        from data.sources import _digits_u8
+        from data.sources import digits_pixels
 
-        return MemoryShard(*_digits_u8())
+        return MemoryShard(*digits_pixels())
 
 
 @dataclass(frozen=True)

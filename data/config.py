@@ -26,7 +26,8 @@ class DataConfig:
     shuffle_window: samples shuffled together after the shard order is shuffled (bigger mixes
         more; the whole epoch when ≥ the dataset).
     image_size: side of square images (digits are 8×8 natively; other values resize), or the base
-        resolution of the aspect-ratio buckets when `buckets` is on.
+        resolution of the aspect-ratio buckets when `buckets` is on. Latents keep the shape the
+        shards hold (precompute fixed it), so it does not apply to them.
     buckets: each batch from one aspect-ratio bucket (shards written with buckets).
     max_skipped_fraction: stop the run when more than this fraction of the samples read were bad,
         checked once `skip_check_after` samples have been read.

@@ -245,6 +245,9 @@ class Loader:
 
     def close(self) -> None:
         """Stop the worker processes (iteration restarts them from the current position)."""
+        if self._stream is not None:
+            for q in self._stream.free_ids or []:
+                q.cancel_join_thread()  # never block interpreter exit on ids nobody will read
         self._it = self._stream = self._main_slots = None
 
     def _warn(self, reason: str, note: str) -> None:

@@ -8,7 +8,8 @@ at most the shards in flight: a finished shard is renamed into place and then ma
 manifest (the same bytes whoever writes it).
 
 Latents are the VAE posterior mean, unscaled, in float16; the manifest records the scaling (and
-shift) factor the loader applies. Text embeddings are float16 (L, D) with a uint8 mask, padded to
+shift) factor the loader applies. An output shard is held in memory until it is written (PixArt-Σ
+sized samples are ≈2.5 MB each), so size input shards with that in mind. Text embeddings are float16 (L, D) with a uint8 mask, padded to
 `max_length` tokens (PixArt-Σ: 300, with the mask). Images are resized to their aspect-ratio
 bucket when the input is bucketed, else to a square `image_size`.
 """
@@ -121,14 +122,13 @@ def precompute(in_dir: str, out_dir: str, cfg: PrecomputeConfig, rank: int = 0, 
         raise ValueError("--image-size is required: the input shards are not bucketed, so give the square side to encode at")
     fmt = cfg.format or src.format
     entries = mds_entries(in_dir, src) if src.format == "mds" else {}
-    jobs = [(g, rec) for g in src.groups for rec in g.shards]
+    jobs = [(g, rec, _out_path(rec.path, fmt, i)) for g in src.groups for i, rec in enumerate(g.shards)]
     os.makedirs(os.path.join(out_dir, DONE), exist_ok=True)
     encoders = encoders or Encoders(cfg)
     report = PrecomputeReport([], [], 0, False)
-    for n, (group, rec) in enumerate(jobs):
+    for n, (group, rec, out_rel) in enumerate(jobs):
         if n % world_size != rank:
             continue
-        out_rel = _out_path(rec.path, fmt)
         if os.path.exists(_marker(out_dir, out_rel)):
             report.skipped_shards.append(out_rel)
             continue
@@ -203,10 +203,9 @@ def _encode_batch(raws: list[dict[str, Any]], enc: Encoders, path: str) -> list[
     return out
 
 
-def _out_path(rel: str, fmt: str) -> str:
-    folder, name = os.path.split(rel)
-    index = int("".join(c for c in name if c.isdigit()) or 0)
-    return os.path.join(folder, shard_name(fmt, index))
+def _out_path(rel: str, fmt: str, index: int) -> str:
+    """The output shard of the group's `index`-th input shard: same folder, standard name."""
+    return os.path.join(os.path.dirname(rel), shard_name(fmt, index))
 
 
 def _marker(out_dir: str, out_rel: str) -> str:
@@ -220,12 +219,12 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _finish(out_dir: str, src: Manifest, jobs: list[tuple[Group, ShardRecord]], fmt: str, enc: Encoders,
+def _finish(out_dir: str, src: Manifest, jobs: list[tuple[Group, ShardRecord, str]], fmt: str, enc: Encoders,
             cfg: PrecomputeConfig, resolution: Optional[int]) -> bool:
     """Write the manifest (and MDS index.json files) once every shard is marked done."""
     marks = []
-    for _, rec in jobs:
-        marker = _marker(out_dir, _out_path(rec.path, fmt))
+    for _, _, out_rel in jobs:
+        marker = _marker(out_dir, out_rel)
         if not os.path.exists(marker):
             return False
         with open(marker) as f:

@@ -2,10 +2,11 @@
 
 The loader plans an epoch as positions, so it reads samples by index, not by streaming a tar front
 to back. A tar is indexed by scanning its headers once on open (no payload is read); a sample is
-then one `preadv` of its members. An MDS shard has an offset table in its header. Each reader reads
-into one reused buffer and returns zero-copy views of it (`memoryview`, `np.frombuffer`), so a
-large latent or embedding is copied once, into the batch — the views are valid until the reader's
-next read.
+a view of its members. An MDS shard has an offset table in its header. Shards are memory-mapped
+(private, copy-on-write, so arrays are writable and nothing is copied unless written) and reads
+return views (`memoryview`, `np.frombuffer`): a large latent or embedding is copied once, from the
+page cache straight into the batch. A map cannot fault past the end of a file that shrinks while
+mapped, because every read first checks the file's current size.
 
 Damage is reported, not raised through: a shard that cannot be opened raises `ShardError` (the
 loader skips its samples); a sample that is truncated, incomplete or unparsable raises
@@ -14,6 +15,7 @@ loader skips its samples); a sample that is truncated, incomplete or unparsable 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tarfile
 from typing import Any, Protocol
@@ -27,17 +29,35 @@ class ShardError(Exception):
     """A shard that cannot be opened or indexed at all."""
 
 
-class _Scratch:
-    """One growing read buffer; a new one replaces it when too small (old views stay valid)."""
+class _MappedFile:
+    """A read-only file mapped privately; `view` checks the size first (a shrunk file is truncation)."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ShardError(f"cannot open {path}: {e.strerror or e}") from e
+        self.size = os.fstat(self.fd).st_size
+        try:
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY) if self.size else None
+        except (OSError, ValueError) as e:
+            os.close(self.fd)
+            raise ShardError(f"cannot map {path}: {e}") from e
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
 
-    def pread(self, fd: int, size: int, offset: int) -> memoryview:
-        if len(self.buf) < size:
-            self.buf = bytearray(max(size, 2 * len(self.buf)))
-        view = memoryview(self.buf)[:size]
-        return view[: os.preadv(fd, [view], offset)]
+    def view(self, begin: int, end: int) -> memoryview:
+        if end > os.fstat(self.fd).st_size:
+            raise SampleError("truncated", f"bytes [{begin}, {end}) lie beyond the end of the file: it is truncated or shrank")
+        return self._view[begin:end]
+
+    def close(self) -> None:
+        os.close(self.fd)
+        try:
+            self._view.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view: the map closes when that view is gone
 
 
 class ShardReader(Protocol):
@@ -61,29 +81,25 @@ class WdsShard:
     def __init__(self, path: str, expected: int):
         self.path = path
         self.expected = expected
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise ShardError(f"cannot open {path}: {e.strerror or e}") from e
-        size = os.fstat(self._fd).st_size
+        self.file = _MappedFile(path)
+        size = self.file.size
         self.keys: list[str] = []
         self.members: list[dict[str, tuple[int, int]]] = []  # field → (offset, size)
-        self.truncated_from = None  # first sample index lost to truncation
-        self._scratch = _Scratch()
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
                 while True:
                     try:
                         m = tf.next()
                     except (tarfile.ReadError, EOFError, OSError):
-                        self._truncate()
-                        break
+                        break  # a cut header: what came before stands
                     if m is None:
                         break
                     if not m.isfile():
                         continue
-                    if m.offset_data + m.size > size:
-                        self._truncate(partial=True)
+                    if m.offset_data + m.size > size:  # a cut member: its sample is incomplete
+                        if self.keys and _split_member(m.name)[0] == self.keys[-1]:
+                            self.keys.pop()
+                            self.members.pop()
                         break
                     key, ext = _split_member(m.name)
                     if not self.keys or self.keys[-1] != key:
@@ -92,17 +108,8 @@ class WdsShard:
                     if ext in WDS_FIELD:
                         self.members[-1][WDS_FIELD[ext]] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError) as e:
-            os.close(self._fd)
+            self.file.close()
             raise ShardError(f"cannot index {path} as a tar file: {type(e).__name__}: {e}") from e
-        if len(self.keys) < expected and self.truncated_from is None:
-            self.truncated_from = len(self.keys)
-
-    def _truncate(self, partial: bool = False) -> None:
-        # A sample whose members were cut off is incomplete even if some members survived.
-        if partial and self.keys:
-            self.keys.pop()
-            self.members.pop()
-        self.truncated_from = len(self.keys)
 
     def read(self, index: int, fields: frozenset[str]) -> dict[str, Any]:
         if index >= len(self.keys):
@@ -115,15 +122,13 @@ class WdsShard:
             return out
         lo = min(off for _, (off, _) in wanted)
         hi = max(off + n for _, (off, n) in wanted)
-        buf = self._scratch.pread(self._fd, hi - lo, lo)
-        if len(buf) < hi - lo:
-            raise SampleError("truncated", f"read {len(buf)} of {hi - lo} bytes: the file shrank or is truncated")
+        buf = self.file.view(lo, hi)
         for f, (off, n) in wanted:
             out[f] = _parse_wds(f, buf[off - lo:off - lo + n])
         return out
 
     def close(self) -> None:
-        os.close(self._fd)
+        self.file.close()
 
 
 def _parse_wds(field: str, data: memoryview) -> Any:
@@ -138,8 +143,8 @@ def _parse_wds(field: str, data: memoryview) -> Any:
             return int(bytes(data).decode("ascii").strip())
         if field == "json":
             return json.loads(bytes(data).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, SyntaxError) as e:
-        raise SampleError("decode_error", f"field {field!r} cannot be parsed: {e}") from e
+    except (ValueError, UnicodeDecodeError, SyntaxError, KeyError, TypeError) as e:
+        raise SampleError("decode_error", f"field {field!r} cannot be parsed: {type(e).__name__}: {e}") from e
     raise KeyError(field)
 
 
@@ -154,29 +159,20 @@ class MdsShard:
         self.expected = int(entry["samples"])
         if entry.get("compression"):
             raise ShardError(f"{path}: compressed MDS shards ({entry['compression']}) are not supported; write them uncompressed")
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise ShardError(f"cannot open {path}: {e.strerror or e}") from e
-        self._size = os.fstat(self._fd).st_size
-        self._scratch = _Scratch()
-        head = os.pread(self._fd, 4, 0)
-        n = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else -1
-        table = os.pread(self._fd, 4 * (n + 1), 4) if n >= 0 else b""
-        if n != self.expected or len(table) != 4 * (n + 1):
-            os.close(self._fd)
+        self.file = _MappedFile(path)
+        size = self.file.size
+        n = int(np.frombuffer(self.file.view(0, 4), np.uint32)[0]) if size >= 4 else -1
+        if n != self.expected or size < 4 * (n + 2):
+            self.file.close()
             raise ShardError(f"{path}: the MDS header is unreadable or counts {n} samples where index.json says "
                              f"{self.expected}; the shard is damaged, rewrite it")
-        self._offsets = np.frombuffer(table, np.uint32).astype(np.int64)
+        self._offsets = np.frombuffer(self.file.view(4, 4 * (n + 2)), np.uint32).astype(np.int64)
 
     def read(self, index: int, fields: frozenset[str]) -> dict[str, Any]:
         begin, end = int(self._offsets[index]), int(self._offsets[index + 1])
-        if end > self._size or end < begin:
-            raise SampleError("truncated", f"sample bytes [{begin}, {end}) lie beyond the end of the {self._size}-byte "
-                                           "file: the shard is truncated")
-        data = self._scratch.pread(self._fd, end - begin, begin)
-        if len(data) < end - begin:
-            raise SampleError("truncated", f"read {len(data)} of {end - begin} bytes: the file shrank or is truncated")
+        if end < begin:
+            raise SampleError("decode_error", f"MDS sample {index} has a corrupt offset table entry [{begin}, {end})")
+        data = self.file.view(begin, end)
         try:
             pos, sizes = 0, []
             for size in self.sizes:
@@ -196,7 +192,7 @@ class MdsShard:
         return out
 
     def close(self) -> None:
-        os.close(self._fd)
+        self.file.close()
 
 
 class MemoryShard:

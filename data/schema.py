@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -73,21 +74,25 @@ def npy_array(data: bytes | memoryview) -> np.ndarray:
     mv = memoryview(data)
     if bytes(mv[:6]) != b"\x93NUMPY":
         raise ValueError("not an .npy array")
-    major = mv[6]
-    hlen_size = 2 if major == 1 else 4
-    hlen = int.from_bytes(mv[8:8 + hlen_size], "little")
-    start = 8 + hlen_size + hlen
-    header = ast.literal_eval(bytes(mv[8 + hlen_size:start]).decode("latin1"))
+    hlen_size = 2 if mv[6] == 1 else 4
+    start = 8 + hlen_size + int.from_bytes(mv[8:8 + hlen_size], "little")
+    dtype, shape, count = _npy_header(bytes(mv[8 + hlen_size:start]))
+    if len(mv) - start < count * dtype.itemsize:
+        raise ValueError(f".npy payload holds {len(mv) - start} bytes, its header promises {count * dtype.itemsize}")
+    return np.frombuffer(mv, dtype=dtype, count=count, offset=start).reshape(shape)
+
+
+@lru_cache(maxsize=64)
+def _npy_header(text: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Parsed once per distinct header (every latent of a bucket shares one)."""
+    header = ast.literal_eval(text.decode("latin1"))
     if header["fortran_order"]:
         raise ValueError("Fortran-ordered .npy arrays are not supported")
     dtype = np.dtype(header["descr"])
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
-    shape = tuple(header["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(mv) - start < count * dtype.itemsize:
-        raise ValueError(f".npy payload holds {len(mv) - start} bytes, its header promises {count * dtype.itemsize}")
-    return np.frombuffer(mv, dtype=dtype, count=count, offset=start).reshape(shape)
+    shape = tuple(int(s) for s in header["shape"])
+    return dtype, shape, int(np.prod(shape, dtype=np.int64))
 
 
 def wds_members(sample: dict[str, Any]) -> dict[str, bytes]:

@@ -66,20 +66,22 @@ def _use_count(t: torch.Tensor) -> int:
 
 
 class _Tracked:
-    """Slots whose views were handed to the trainer; free again when only our own reference is left."""
+    """Slots whose views were handed to the trainer; free again when only our own references are left."""
 
     def __init__(self) -> None:
-        self.baseline: dict[Any, int] = {}
+        self.baseline: dict[Any, dict[str, int]] = {}
         self.out: dict[Any, Flat] = {}
 
     def remember(self, sid: Any, flat: Flat) -> None:
-        self.baseline.setdefault(sid, _use_count(flat["x"]))
+        self.baseline.setdefault(sid, {f: _use_count(t) for f, t in flat.items()})
 
     def hand_out(self, sid: Any, flat: Flat) -> None:
         self.out[sid] = flat
 
     def collect_free(self) -> list[Any]:
-        free = [sid for sid, flat in self.out.items() if _use_count(flat["x"]) <= self.baseline[sid]]
+        """Every field counts: a trainer that keeps only `text_emb` still holds the slot."""
+        free = [sid for sid, flat in self.out.items()
+                if all(_use_count(t) <= self.baseline[sid][f] for f, t in flat.items())]
         for sid in free:
             del self.out[sid]
         return free

@@ -45,7 +45,7 @@ class Source:
 # --- digits ---------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def _digits_u8() -> tuple[np.ndarray, np.ndarray]:
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:  # (1797, 8, 8) uint8, (1797,) int64
     """The 1,797 8×8 digits as 8-bit grey levels: round(v·255/16) of scikit-learn's 0..16 values.
 
     8-bit is the canonical form because it is what a PNG in a shard holds losslessly, so in-memory
@@ -60,7 +60,7 @@ def _digits_u8() -> tuple[np.ndarray, np.ndarray]:
 
 def digits_arrays(image_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Digits as float32 (N, 1, S, S) in [-1, 1] and int64 labels (N,); S = image_size (resized if not 8)."""
-    pixels, labels = _digits_u8()
+    pixels, labels = digits_pixels()
     x = torch.from_numpy(pixels).unsqueeze(1)
     if image_size == 8:
         images = x.to(torch.float32) / 127.5 - 1.0
@@ -74,7 +74,7 @@ def digit_caption(label: int) -> str:
 
 
 def digits_source() -> Source:
-    pixels, labels = _digits_u8()
+    pixels, labels = digits_pixels()
 
     def load(i: int) -> dict[str, Any]:
         label = int(labels[i])

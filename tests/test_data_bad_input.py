@@ -13,17 +13,18 @@ import pytest
 from data import DataConfig, DataError, build_loader
 from data.schema import wds_members
 from data.sources import digits_source
-from tests.data_helpers import LATENT, latent_sample, take, write_digits, write_raw
+from tests.data_helpers import latent_sample, take, write_digits, write_raw
 
 N = 10  # samples per shard
 
 
 def _planted(fmt):
-    """4 shards of 10: NaN latent, Inf embedding, wrong shape, missing field (wds), truncated file, unopenable file."""
+    """4 shards of 10: NaN/Inf latents, NaN embedding, wrong shape, missing field (wds), truncated file, unopenable file."""
     rng = np.random.default_rng(0)
     shards = [[latent_sample(s * N + i, rng) for i in range(N)] for s in range(4)]
     shards[0][2]["latent"][1, 2, 3] = np.nan
-    shards[0][5]["text_emb"][0, 0] = np.inf
+    shards[0][5]["text_emb"][0, 0] = np.nan
+    shards[0][7]["latent"][0, 0, 0] = -np.inf
     shards[1][1]["latent"] = np.zeros((4, 2, 2), np.float16)
     return shards
 
@@ -32,7 +33,7 @@ def _write_planted(path, fmt):
     shards = _planted(fmt)
     write_raw(path, fmt, shards)
     name = (lambda n: f"shard-{n:06d}.tar") if fmt == "wds" else (lambda n: f"shard.{n:05d}.mds")
-    bad = {"nonfinite": {"000002", "000005"}, "bad_shape": {"000011"}}
+    bad = {"nonfinite": {"000002", "000005", "000007"}, "bad_shape": {"000011"}}
     if fmt == "wds":  # a sample without its latent (MDS cannot hold one: every column is required)
         import webdataset as wds
         samples = [dict(s) for s in shards[1]]
@@ -109,7 +110,7 @@ def test_too_many_skips_stop_the_run_with_a_clear_error(tmp_path):
     _write_planted(path, "wds")
     loader = build_loader(DataConfig(format="wds", path=path, input="latent", cond="text_emb", batch_size=5, shuffle=False,
                                      max_skipped_fraction=0.05, skip_check_after=10), 0, 1)
-    with pytest.raises(DataError, match=r"were skipped \(.*nonfinite: 2.*\), above data.max_skipped_fraction=0.05") as e:
+    with pytest.raises(DataError, match=r"were skipped \(.*nonfinite: 3.*\), above data.max_skipped_fraction=0.05") as e:
         take(loader, 8)
     assert "repair or remove those shards" in str(e.value)
 

@@ -135,9 +135,11 @@ def test_held_batches_are_never_overwritten():
         copy = held["x"].clone()
         view = next(loader)["x"][:3]  # a view keeps its batch's buffer alive too
         view_copy = view.clone()
+        labels = next(loader)["y"]  # so does any one field of a batch
+        labels_copy = labels.clone()
         for _ in range(12):
             next(loader)
-        assert torch.equal(held["x"], copy) and torch.equal(view, view_copy)
+        assert torch.equal(held["x"], copy) and torch.equal(view, view_copy) and torch.equal(labels, labels_copy)
 
 
 @pytest.fixture(scope="module")
