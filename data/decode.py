@@ -7,7 +7,6 @@ batch. A sample that fails a check raises `SampleError`; its half-written row is
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -69,9 +68,10 @@ class BatchBuilder:
             self.x[row] = decode_image(raw["image"], spec.x_shape)
         else:
             _copy_array(self.x[row], raw["latent"], spec.x_shape, "latent")
+            xr = self.x[row].numpy()
             if spec.shift_factor:
-                self.x[row].sub_(spec.shift_factor)
-            self.x[row].mul_(spec.scaling_factor)
+                xr -= np.float32(spec.shift_factor)
+            xr *= np.float32(spec.scaling_factor)
         if self.y is not None:
             self.y[row] = int(label)
         if spec.cond == "text_emb":
@@ -86,16 +86,34 @@ class BatchBuilder:
         self.keys.append(raw["key"])
         self.rows += 1
 
+# (unsigned view, mask without the sign bit, bits of +inf): a value is NaN/Inf exactly when its
+# exponent bits are all ones, i.e. when |bits| >= inf's bits.
+_FLOAT_BITS = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """One integer pass over the raw bits: ~10x cheaper than np.isfinite on fp16 (no float decode)."""
+    bits = _FLOAT_BITS.get(arr.dtype)
+    if bits is None or not arr.flags.c_contiguous:
+        return bool(np.isfinite(arr).all())
+    utype, mask, inf = bits
+    return arr.size == 0 or int((arr.view(utype) & mask).max()) < inf
+
+
 def _copy_array(dst: torch.Tensor, arr: np.ndarray, shape: tuple[int, ...], name: str) -> None:
     if tuple(arr.shape) != tuple(shape):
         raise SampleError("bad_shape", f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
     if arr.dtype.kind != "f":
         raise SampleError("bad_shape", f"{name} has dtype {arr.dtype}, expected a float array")
-    dst.copy_(torch.from_numpy(arr))  # the one copy, converting float16 → float32
-    # A sum is finite exactly when every element is (fp32 cannot overflow on fp16-range values).
-    if not math.isfinite(float(dst.sum())):
-        bad = int((~torch.isfinite(dst)).sum())
-        raise SampleError("nonfinite", f"{name} holds {bad} NaN/Inf values")
+    if not all_finite(arr):
+        raise SampleError("nonfinite", f"{name} holds {int((~np.isfinite(arr)).sum())} NaN/Inf values")
+    # numpy, not torch: a loader must not wake torch's intra-op thread pool for every row (on a
+    # busy 2-core box that pool made a 2.5 MB copy 20x slower than this memcpy-speed copy)
+    np.copyto(dst.numpy(), arr, casting="same_kind")
 
 
 def decode_image(data: Any, shape: tuple[int, int, int]) -> torch.Tensor:
