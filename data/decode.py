@@ -1,8 +1,9 @@
 """Raw sample fields → rows of a batch, checking everything the task relies on.
 
 A `BatchBuilder` decodes each sample straight into its row of preallocated batch tensors (see
-`data/slots.py`): a float16 latent or embedding is converted once, by the copy into the float32
-batch. A sample that fails a check raises `SampleError`; its half-written row is simply reused.
+`data/slots.py`): a float16 latent is converted once, by the copy into the float32 batch; a text
+embedding stays float16 as stored (half the bytes to copy and to ship to the device). A sample
+that fails a check raises `SampleError`; its half-written row is simply reused.
 """
 from __future__ import annotations
 
