@@ -60,7 +60,12 @@ def env_from_launcher() -> tuple[int, int, int]:
 
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Start the default process group (a one-rank group for a plain process, so every code path —
-    checkpoint collectives, metric reductions — is the same whatever the world size)."""
+    checkpoint collectives, metric reductions — is the same whatever the world size).
+
+    `timeout_s` is `engine.collective_timeout_s`: the loop's stall watchdog fires after it and dumps
+    every rank's stacks; the process group itself times out a grace period later, as a backstop."""
+    from trainer.watchdog import GRACE_S
+
     rank, world, local = env_from_launcher()
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -68,7 +73,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=timeout_s + GRACE_S)
         if world == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
@@ -97,9 +102,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any rank (ranks must agree before acting)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank if it is True on any rank, in one collective (ranks must agree
+    before acting: on a preemption, on skipping a step)."""
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    return agree([flag], device)[0]

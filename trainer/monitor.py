@@ -28,7 +28,14 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     resumed run's metrics.jsonl holds each step once."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+        if record.get("step", 0) <= max_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
