@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -82,6 +83,13 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             kwargs = {"device_id": device} if use_cuda else {}
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        warnings.warn(
+            "torchrun with --max-restarts shares its rendezvous store with the workers: after an elastic restart the "
+            "new workers can read the previous round's addresses and fail to connect (seen with torch 2.14). "
+            "Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun."
+        )
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 
 

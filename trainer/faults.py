@@ -6,6 +6,8 @@ must never end up in a saved config or change its hash. Entries are separated by
   nan_batch@3,4         the input batch of steps 3 and 4 is all NaN (every rank), as corrupt data would be
   nan_batch@3:rank=1    ... on rank 1 only
   hang@5:rank=1         rank 1 blocks forever in step 5 (in `_injected_hang`), as a stuck rank would
+  wait_preempt@5        step 5 waits until a preemption signal has arrived (so a test's time-out
+                        lands at a known step, however slow the machine)
   slow_step=0.1         sleep 0.1 s in every step (so a test can kill a run at a chosen step)
   slow_save=5           a checkpoint's completion waits 5 s before its files are summed and renamed
                         (so a test can kill a run while an async save is in flight)
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 ENV = "DITILL_DEBUG_FAULTS"
 
@@ -23,6 +26,7 @@ ENV = "DITILL_DEBUG_FAULTS"
 class Faults:
     nan_batch: dict[int, int | None] = field(default_factory=dict)  # step -> rank (None: all)
     hang: dict[int, int | None] = field(default_factory=dict)
+    wait_preempt: dict[int, int | None] = field(default_factory=dict)
     slow_step: float = 0.0
     slow_save: float = 0.0
 
@@ -39,7 +43,7 @@ class Faults:
             kind, _, rest = entry.partition("@")
             steps, _, opt = rest.partition(":")
             rank = int(opt.split("=", 1)[1]) if opt.startswith("rank=") else None
-            if kind not in ("nan_batch", "hang") or not steps:
+            if kind not in ("nan_batch", "hang", "wait_preempt") or not steps:
                 raise ValueError(f"{ENV}: unknown fault {entry!r}; see trainer/faults.py")
             for s in steps.split(","):
                 getattr(out, kind)[int(s)] = rank
@@ -58,11 +62,14 @@ class Faults:
             batch = {**batch, "x": batch["x"].clone().fill_(float("nan"))}
         return batch
 
-    def step(self, step: int, rank: int) -> None:
+    def step(self, step: int, rank: int, preempted: Callable[[], bool]) -> None:
         if self.slow_step:
             time.sleep(self.slow_step)
         if self._hits(self.hang, step, rank):
             _injected_hang()
+        if self._hits(self.wait_preempt, step, rank):
+            while not preempted():
+                time.sleep(0.05)
 
     def before_commit(self) -> None:
         if self.slow_save:

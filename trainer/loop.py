@@ -119,7 +119,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                     micro = step_fn(batch, step, watch, 1.0 / accum)
                 for k, v in micro.items():
                     terms[k] = terms.get(k, 0.0) + v / accum
-            faults.step(step + 1, env.rank)
+            faults.step(step + 1, env.rank, lambda: preempt.requested)
             # one collective: has any rank been signalled, has any rank a non-finite loss?
             stop, bad_loss = agree([preempt.requested, not math.isfinite(float(terms["loss"]))], env.device)
             with watch.section("optimizer"):
@@ -134,7 +134,8 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                              f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in all)")
             if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
                 ckpt.wait()
-                good = ckpt.complete_steps()
+                streak_start = step - state["nonfinite_in_a_row"]  # checkpoints after it hold skipped steps
+                good = [s for s in ckpt.complete_steps() if s <= streak_start]
                 raise NonFiniteError(
                     f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (train.max_nonfinite="
                     f"{cfg.train.max_nonfinite}, last at step {step}); the last good checkpoint is "
