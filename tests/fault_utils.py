@@ -81,11 +81,22 @@ def started_at(log: Path, procs: list[subprocess.Popen], timeout: float = 240) -
 
 
 def kill9(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each process and every descendant (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    victims = []
     for p in procs:
         try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            parent = psutil.Process(p.pid)
+            victims += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
             pass
+    for v in victims:
+        try:
+            v.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=60)
     for p in procs:
         p.wait(timeout=60)
 

@@ -295,6 +295,10 @@ class Checkpointer:
         fsync_dir(self.root)
 
     # --- save -------------------------------------------------------------------------------------
+    def in_flight(self) -> bool:
+        """An asynchronous save is still being written or finalised in the background."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the save in flight is complete and finalised; re-raise its failure."""
         if self._thread is not None:
