@@ -157,23 +157,11 @@ def parse_minutes(text: str | int | float) -> float:
         raise SystemExit(f"error: --time {text!r}: use 90s, 45m, 2h, HH:MM:SS, D-HH:MM:SS or minutes") from None
 
 
-def build_executor(profile: dict[str, Any], folder: Path, nodes: int, gpus: int, name: str):
-    import submitit
-
-    minutes = parse_minutes(profile.get("time", "60m"))
-    delay = int(profile.get("signal_delay_s", 120))
-    if profile["executor"] == "local":
-        if nodes != 1:
-            raise SystemExit("error: --cluster local runs one node; use --nodes 1 (or torchrun --nnodes for a multi-node test)")
-        ex = submitit.LocalExecutor(folder, max_num_timeout=int(profile.get("max_num_timeout", 3)))
-        import torch
-
-        ex.update_parameters(timeout_min=minutes, tasks_per_node=gpus, nodes=1, signal_delay_s=delay,
-                             gpus_per_node=gpus if torch.cuda.is_available() else 0, setup=list(profile.get("setup") or []))
-        return ex
-    ex = submitit.SlurmExecutor(folder, max_num_timeout=int(profile.get("max_num_timeout", 50)))
+def slurm_parameters(profile: dict[str, Any], nodes: int, gpus: int, name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per GPU, the time-out signal, the profile's extras."""
     params: dict[str, Any] = dict(job_name=name, nodes=nodes, ntasks_per_node=gpus, gpus_per_node=gpus,
-                                  time=max(1, int(round(minutes))), signal_delay_s=delay,
+                                  time=max(1, int(round(parse_minutes(profile.get("time", "60m"))))),
+                                  signal_delay_s=int(profile.get("signal_delay_s", 120)),
                                   setup=list(profile.get("setup") or []),
                                   additional_parameters=dict(profile.get("additional") or {}))
     for key in ("partition", "account", "qos", "constraint", "cpus_per_task"):
@@ -183,8 +171,39 @@ def build_executor(profile: dict[str, Any], folder: Path, nodes: int, gpus: int,
         params["mem"] = f"{int(profile['mem_gb'])}GB"
     if profile.get("exclusive"):
         params["exclusive"] = True
-    ex.update_parameters(**params)
+    return params
+
+
+def build_executor(profile: dict[str, Any], folder: Path, nodes: int, gpus: int, name: str):
+    import submitit
+
+    if profile["executor"] == "local":
+        if nodes != 1:
+            raise SystemExit("error: --cluster local runs one node; use --nodes 1 (or torchrun --nnodes for a multi-node test)")
+        import torch
+
+        ex = submitit.LocalExecutor(folder, max_num_timeout=int(profile.get("max_num_timeout", 3)))
+        ex.update_parameters(timeout_min=parse_minutes(profile.get("time", "60m")), tasks_per_node=gpus, nodes=1,
+                             signal_delay_s=int(profile.get("signal_delay_s", 120)),
+                             gpus_per_node=gpus if torch.cuda.is_available() else 0, setup=list(profile.get("setup") or []))
+        return ex
+    try:
+        ex = submitit.SlurmExecutor(folder, max_num_timeout=int(profile.get("max_num_timeout", 50)))
+    except RuntimeError as e:  # no srun here
+        raise SystemExit(f"error: {e} (use --cluster local to run here, or --dry-run to see the job script)") from None
+    ex.update_parameters(**slurm_parameters(profile, nodes, gpus, name))
     return ex
+
+
+def dry_run(profile: dict[str, Any], folder: Path, nodes: int, gpus: int, name: str) -> str:
+    """What would be submitted: the sbatch script for SLURM, the parameters for the local executor."""
+    if profile["executor"] == "slurm":
+        from submitit.slurm.slurm import _make_sbatch_string  # submitit's own script writer
+
+        return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}", folder=folder,
+                                   **slurm_parameters(profile, nodes, gpus, name))
+    return json.dumps({"executor": "local", "tasks_per_node": gpus, "time_min": parse_minutes(profile.get("time", "60m")),
+                       "signal_delay_s": profile.get("signal_delay_s")}, indent=1)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -230,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                       int(profile.get("max_requeues", 10)), list(cfg.train.preempt_signals))
     folder = Path(run_dir) / "launch" / "submitit"
     name = args.name or Path(run_dir).name
-    executor = build_executor(profile, folder / "%j", args.nodes, args.gpus_per_node, name)
     if args.dry_run:
-        print(f"executor: {profile['executor']} ({type(executor).__name__}) folder: {folder}")
-        print(f"parameters: {json.dumps(executor.parameters, default=str, sort_keys=True)}")
-        print(f"world size: {world} ({args.nodes} node(s) x {args.gpus_per_node} task(s)); run_dir: {run_dir}")
+        print(dry_run(profile, folder / "%j", args.nodes, args.gpus_per_node, name))
+        print(f"# world size {world} ({args.nodes} node(s) x {args.gpus_per_node} task(s)); run_dir {run_dir}; "
+              f"max_requeues {job_fn.max_requeues}")
         return 0
+    executor = build_executor(profile, folder / "%j", args.nodes, args.gpus_per_node, name)
     job = executor.submit(job_fn)
     record(run_dir, "submitted", job_id=job.job_id, cluster=args.cluster, executor=profile["executor"],
            nodes=args.nodes, gpus_per_node=args.gpus_per_node, host=socket.gethostname(), command=command,

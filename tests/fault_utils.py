@@ -84,21 +84,22 @@ def kill9(procs: list[subprocess.Popen]) -> None:
     """SIGKILL each process and every descendant (torchrun starts its workers in sessions of their own)."""
     import psutil
 
-    victims = []
+    descendants = []
     for p in procs:
         try:
-            parent = psutil.Process(p.pid)
-            victims += [parent, *parent.children(recursive=True)]
+            descendants += psutil.Process(p.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             pass
-    for v in victims:
+    for p in procs:
+        p.kill()
+    for v in descendants:
         try:
             v.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=60)
     for p in procs:
-        p.wait(timeout=60)
+        p.wait(timeout=60)  # reaped through Popen, so its returncode is -SIGKILL
+    psutil.wait_procs(descendants, timeout=60)
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:

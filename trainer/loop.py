@@ -126,22 +126,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                 out = engine.step(step, skip=bad_loss)  # a non-finite loss or gradient skips the update
             step += 1
             state["step"] = step
-            skipped = out["skipped"] > 0
-            state["skipped_steps"] += int(skipped)
-            state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
-            if skipped:
-                monitor.text(f"[ditill] step {step}: non-finite loss or gradient, update skipped "
-                             f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in all)")
-            if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
-                ckpt.wait()
-                streak_start = step - state["nonfinite_in_a_row"]  # checkpoints after it hold skipped steps
-                good = [s for s in ckpt.complete_steps() if s <= streak_start]
-                raise NonFiniteError(
-                    f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (train.max_nonfinite="
-                    f"{cfg.train.max_nonfinite}, last at step {step}); the last good checkpoint is "
-                    f"{ckpt.root / step_dir_name(good[-1]) if good else 'none (no checkpoint was written)'}. "
-                    "Lower optim.lr, enable optim.grad_clip, or check the data, then resume from it."
-                )
+            _count_nonfinite(cfg, monitor, ckpt, state, step, skipped=out["skipped"] > 0)
             step_time = time.perf_counter() - t_step
             for k, v in {**{k: float(v) for k, v in terms.items()}, **out}.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -169,6 +154,26 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
         if hasattr(loader, "close"):
             loader.close()
     return result
+
+
+def _count_nonfinite(cfg, monitor: Monitor, ckpt: Checkpointer, state, step: int, skipped: bool) -> None:
+    """Count a skipped (non-finite) step; `train.max_nonfinite` in a row stop the run, naming the newest
+    checkpoint written before the streak began."""
+    state["skipped_steps"] += int(skipped)
+    state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
+    if skipped:
+        monitor.text(f"[ditill] step {step}: non-finite loss or gradient, update skipped "
+                     f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in all)")
+    if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
+        ckpt.wait()
+        streak_start = step - state["nonfinite_in_a_row"]  # checkpoints after it hold skipped steps
+        good = [s for s in ckpt.complete_steps() if s <= streak_start]
+        raise NonFiniteError(
+            f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}, last at step {step}); the last good checkpoint is "
+            f"{ckpt.root / step_dir_name(good[-1]) if good else 'none (no checkpoint was written)'}. "
+            "Lower optim.lr, enable optim.grad_clip, or check the data, then resume from it."
+        )
 
 
 def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_id) -> int:
