@@ -182,7 +182,7 @@ def test_submitit_local_time_out_requeues_and_the_job_resumes(refs, tmp_path):
     (On a loaded machine the signal may come before step 4, and the job is requeued once more.)"""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.submit", str(refs["cfg"]), f"run_dir={run}", "engine.kind=fsdp",
-           "--cluster", "local", "--nodes", "1", "--gpus-per-node", "2", "--time", "60s", "--signal-delay-s", "20",
+           "--cluster", "local", "--nodes", "1", "--gpus-per-node", "2", "--time", "50s", "--signal-delay-s", "20",
            "--max-num-timeout", "5", "--wait"]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(DITILL_DEBUG_FAULTS="wait_preempt@4"), capture_output=True,
                           text=True, timeout=400)

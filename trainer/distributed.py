@@ -64,7 +64,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     checkpoint collectives, metric reductions — is the same whatever the world size).
 
     `timeout_s` is `engine.collective_timeout_s`: the loop's stall watchdog fires after it and dumps
-    every rank's stacks; the process group itself times out a grace period later, as a backstop."""
+    every rank's stacks; the process group itself times out a minute later, as a backstop."""
     from trainer.watchdog import GRACE_S
 
     rank, world, local = env_from_launcher()
@@ -74,7 +74,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s + GRACE_S)
+        timeout = timedelta(seconds=timeout_s + 2 * GRACE_S)
         if world == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)

@@ -4,14 +4,16 @@ The loop arms the watchdog at the start of every step (and again before a checkp
 evaluation) with `engine.collective_timeout_s`. A rank that hangs (a collective whose peer died or
 never came, a deadlock, a stuck read) does not finish its step in time; so does every rank waiting
 for it in a collective. Each one's watchdog then writes "rank r: step N stalled" and the stack of
-every thread to stderr and to `<run>/stalls/rank<r>.txt`, and exits with STALL_EXIT_CODE.
+every thread to stderr and to `<run>/stalls/rank<r>.txt`, lingers a few seconds so that the other
+stalled ranks (armed a little earlier or later) dump theirs before its exit breaks their
+connections, and exits with STALL_EXIT_CODE.
 
 Two mechanisms, because a hang may or may not hold the GIL:
 - a Python thread that waits for the deadline (a rank blocked in a C++ collective releases the GIL),
   and writes a header naming rank, step and phase before the stacks;
-- `faulthandler.dump_traceback_later`, re-armed a grace period later, which runs in a C thread and
+- `faulthandler.dump_traceback_later`, armed two grace periods later, which runs in a C thread and
   dumps even if the GIL is held forever.
-The process group's own timeout is set one grace period after the watchdog's (see
+The process group's own timeout is set two grace periods after the watchdog's (see
 `trainer.distributed.init_distributed`), so the stacks are written before a collective times out.
 """
 from __future__ import annotations
@@ -24,7 +26,12 @@ import time
 from pathlib import Path
 
 STALL_EXIT_CODE = 125
-GRACE_S = 30.0  # the C-level dump and the process-group timeout come this long after the watchdog
+GRACE_S = 30.0  # the C-level dump and the process-group timeout come twice this long after the watchdog
+
+
+def linger_s(timeout_s: float) -> float:
+    """How long a rank that dumped waits before exiting (its peers' deadlines may be a little later)."""
+    return min(GRACE_S, max(5.0, timeout_s / 4))
 
 
 class StallWatchdog:
@@ -45,7 +52,7 @@ class StallWatchdog:
             self._deadline = time.monotonic() + self.timeout_s
             self._what = what
             self._cond.notify()
-        faulthandler.dump_traceback_later(self.timeout_s + GRACE_S, repeat=False, file=sys.stderr, exit=True)
+        faulthandler.dump_traceback_later(self.timeout_s + 2 * GRACE_S, repeat=False, file=sys.stderr, exit=True)
 
     def disarm(self) -> None:
         with self._cond:
@@ -69,7 +76,9 @@ class StallWatchdog:
                 if left > 0:
                     self._cond.wait(left)
                     continue
+                faulthandler.cancel_dump_traceback_later()
                 self._dump()
+                self._cond.wait(linger_s(self.timeout_s))  # the other stalled ranks dump too
                 os._exit(STALL_EXIT_CODE)
 
     def _dump(self) -> None:
