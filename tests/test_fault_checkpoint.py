@@ -96,6 +96,14 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, env, corr
     assert (root / "latest").read_text() == step_dir_name(4)
 
 
+def test_only_invalid_checkpoints_is_an_error_not_a_fresh_start(tmp_path, env):
+    _save_steps(Checkpointer(tmp_path, env, keep_last=0), Model(), [2])
+    _flip_a_byte(tmp_path / "checkpoints" / step_dir_name(2))
+    with pytest.warns(UserWarning, match="skipping invalid checkpoint"), pytest.raises(CheckpointError, match="no valid checkpoint"):
+        Checkpointer(tmp_path, env).find_resume("auto")
+    assert (tmp_path / "checkpoints" / step_dir_name(2)).is_dir()  # left in place for a person to look at
+
+
 def test_explicit_step_that_is_missing_or_invalid_is_an_error(tmp_path, env):
     _save_steps(Checkpointer(tmp_path, env, keep_last=0), Model(), [2, 4])
     with pytest.raises(CheckpointError, match=r"checkpoint.resume=3 cannot be used.*\[2, 4\]"):

@@ -243,8 +243,8 @@ class Checkpointer:
 
     def find_resume(self, request: str) -> Path | None:
         """The checkpoint to resume from. `auto`: the newest valid one (invalid newer ones are reported
-        and set aside); a step number: exactly that one, or an error (newer ones are superseded and set
-        aside); `never`: None."""
+        and set aside), None when there is none, an error when there are only invalid ones; a step
+        number: exactly that one, or an error (newer ones are superseded and set aside); `never`: None."""
         if request == "never":
             return None
         chosen: Path | None = None
@@ -267,6 +267,11 @@ class Checkpointer:
                 invalid.append((step, reason))
                 if self.env.is_main:
                     warnings.warn(f"skipping invalid checkpoint: {reason}; falling back to an older one")
+            if chosen is None and invalid:  # never start over silently when there was progress to resume
+                raise CheckpointError(
+                    f"no valid checkpoint in {self.root}: " + "; ".join(r for _, r in invalid)
+                    + ". Repair or remove them (or use a new run_dir) to start over"
+                )
         resumed = parse_step(chosen) if chosen is not None else -1
         if self.env.is_main:
             bad = {s for s, _ in invalid}
