@@ -92,7 +92,8 @@ def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[DiT, Inher
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model (their full size even where ZeRO-3 left each rank only a partition)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def seed_everything(seed: int, rank: int) -> None:

@@ -87,7 +87,7 @@ class EngineConfig:
     ac_every: int = 2  # with every-k: checkpoint one block in k
     deepspeed_config: Optional[str] = None  # configs/deepspeed/zero2.json ...
     compile: bool = False  # torch.compile each student block
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = 600  # a step (or collective) slower than this is a stall: every rank dumps its stacks and exits
 
 
 @dataclass
@@ -97,16 +97,16 @@ class TrainConfig:
     micro_batch: int = 0  # per-rank micro-batch; 0 = global_batch / world_size (no accumulation)
     seed: int = 0
     log_every: int = 10
-    max_nonfinite: int = 5  # consecutive NaN/Inf steps before the run stops
-    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # set a flag only
+    max_nonfinite: int = 5  # consecutive NaN/Inf steps (each one skipped) before the run stops
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # set a flag: save at the step boundary, exit 124
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500
-    keep_last: int = 2
+    keep_last: int = 2  # newest complete checkpoints kept; 0 = keep all
     keep_every: int = 0  # also keep every n-th step forever; 0 = off
-    async_save: bool = True
+    async_save: bool = True  # DCP saves in the background on their own process group (DeepSpeed saves block)
     resume: str = "auto"  # auto (latest valid, else fresh) | never | a step number (must exist)
 
 
@@ -216,8 +216,19 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail("train.preempt_signals", name, "signal names such as SIGTERM, SIGUSR1, SIGUSR2")
     if cfg.engine.activation_checkpointing == "every-k" and cfg.engine.ac_every < 1:
         raise _fail("engine.ac_every", cfg.engine.ac_every, ">= 1")
-    if cfg.engine.kind == "deepspeed" and not cfg.engine.deepspeed_config:
-        raise _fail("engine.deepspeed_config", None, "a ZeRO JSON such as configs/deepspeed/zero2.json when engine.kind=deepspeed")
+    if cfg.engine.kind == "deepspeed":
+        ds = cfg.engine.deepspeed_config
+        if not ds:
+            raise _fail("engine.deepspeed_config", None, "a ZeRO JSON such as configs/deepspeed/zero2.json when engine.kind=deepspeed")
+        if not Path(ds).exists():
+            raise _fail("engine.deepspeed_config", ds, "no such file (configs/deepspeed/zero1.json, zero2.json, zero3.json)")
+        if cfg.teacher is not None and cfg.teacher.shard:
+            raise _fail("teacher.shard", True, "FSDP-only; under DeepSpeed the frozen teacher is replicated outside the ZeRO engine")
+    if cfg.engine.collective_timeout_s <= 0:
+        raise _fail("engine.collective_timeout_s", cfg.engine.collective_timeout_s, "a positive number of seconds")
+    for key in ("checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every", "train.max_nonfinite"):
+        if _get(cfg, key) < (1 if key in ("checkpoint.every", "train.max_nonfinite") else 0):
+            raise _fail(key, _get(cfg, key), ">= 1" if key in ("checkpoint.every", "train.max_nonfinite") else ">= 0")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not str(resume).isdigit():
         raise _fail("checkpoint.resume", resume, "auto | never | a step number")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -60,7 +61,12 @@ def env_from_launcher() -> tuple[int, int, int]:
 
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Start the default process group (a one-rank group for a plain process, so every code path —
-    checkpoint collectives, metric reductions — is the same whatever the world size)."""
+    checkpoint collectives, metric reductions — is the same whatever the world size).
+
+    `timeout_s` is `engine.collective_timeout_s`: the loop's stall watchdog fires after it and dumps
+    every rank's stacks; the process group itself times out a minute later, as a backstop."""
+    from trainer.watchdog import GRACE_S
+
     rank, world, local = env_from_launcher()
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -68,7 +74,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=timeout_s + 2 * GRACE_S)
         if world == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
@@ -77,6 +83,13 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             kwargs = {"device_id": device} if use_cuda else {}
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        warnings.warn(
+            "torchrun with --max-restarts shares its rendezvous store with the workers: after an elastic restart the "
+            "new workers can read the previous round's addresses and fail to connect (seen with torch 2.14). "
+            "Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun."
+        )
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 
 
@@ -97,9 +110,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any rank (ranks must agree before acting)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank if it is True on any rank, in one collective (ranks must agree
+    before acting: on a preemption, on skipping a step)."""
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    return agree([flag], device)[0]

@@ -1,7 +1,10 @@
 """A run's checkpoint → consolidated safetensors of the student and its EMA (with the config in the
 metadata, so `models.load_pretrained` rebuilds the exact architecture, e.g. to use it as a teacher).
 
-Reads the sharded DCP checkpoint without a process group; any number of ranks may have written it.
+Works without a process group, whatever number of ranks wrote the checkpoint, for both formats:
+- `dcp` (single, DDP, FSDP2): DCP loads the sharded state into full, unsharded modules;
+- `deepspeed` (ZeRO 1/2/3): the student from the fp32 master partitions with DeepSpeed's own
+  `zero_to_fp32` consolidation, the EMA stitched from every rank's fragment file.
 """
 from __future__ import annotations
 
@@ -13,48 +16,75 @@ from omegaconf import OmegaConf
 from models import build_model
 from models.convert import save_safetensors
 from trainer.build import student_config
-from trainer.checkpoint import CheckpointError, PREFIX, step_dir_name
+from trainer.checkpoint import CONFIG, PREFIX, CheckpointError, parse_step, step_dir_name
 from trainer.config import RunConfig
-from trainer.manifest import MANIFEST, verify
+from trainer.manifest import MANIFEST, read_manifest, verify
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    """The resolved config a run wrote, without re-validating paths that may not exist here."""
-    path = Path(run_dir) / "config.yaml"
+def read_run_config(run_dir: Path, checkpoint: Path | None = None) -> RunConfig:
+    """The resolved config saved with `checkpoint` (else the run's), without re-validating paths that may
+    not exist here."""
+    path = Path(checkpoint) / CONFIG if checkpoint is not None and (Path(checkpoint) / CONFIG).exists() else Path(run_dir) / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: {run_dir} is not a DiTill run directory")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path)))
 
 
 def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
-    """The checkpoint at `step`, or the one `latest` names; verified against its manifest."""
+    """The checkpoint at `step`, or the newest valid one; verified against its manifest."""
     root = Path(run_dir) / "checkpoints"
-    if step is None:
-        latest = root / "latest"
-        if not latest.exists():
-            raise CheckpointError(f"{root} has no `latest` checkpoint; pass a step (have: {sorted(p.name for p in root.glob(PREFIX + '*'))})")
-        path = root / latest.read_text().strip()
-    else:
+    if step is not None:
         path = root / step_dir_name(step)
-    verdict = verify(path) if (path / MANIFEST).exists() else None
-    if verdict is None or not verdict.ok:
-        raise CheckpointError(f"cannot export {path}: {verdict.reason if verdict else 'no manifest (incomplete or missing)'}")
-    return path
+        verdict = verify(path) if (path / MANIFEST).exists() else None
+        if verdict is None or not verdict.ok:
+            have = sorted(p.name for p in root.glob(PREFIX + "*"))
+            raise CheckpointError(f"cannot export {path}: {verdict.reason if verdict else 'no manifest (incomplete or missing)'}; have {have}")
+        return path
+    reasons = []
+    for path in sorted(root.glob(PREFIX + "*"), key=lambda p: parse_step(p) or -1, reverse=True):
+        verdict = verify(path)
+        if verdict.ok:
+            return path
+        reasons.append(verdict.reason)
+    raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(reasons)}" if reasons else ""))
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None) -> dict[str, Path]:
     """Write `student.safetensors` and `ema.safetensors`; returns their paths."""
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
     ckpt = checkpoint_dir(run_dir, step)
+    cfg = read_run_config(run_dir, ckpt)
     mcfg = student_config(cfg)
-    student, ema = build_model(mcfg), build_model(mcfg)
-    state = {"engine": {"student": student.state_dict(), "ema": ema.state_dict()}}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    fmt = (read_manifest(ckpt) or {}).get("format", "dcp")
+    if fmt == "dcp":
+        student, ema = build_model(mcfg), build_model(mcfg)
+        state = {"engine": {"student": student.state_dict(), "ema": ema.state_dict()}}
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        tensors = state["engine"]
+    elif fmt == "deepspeed":
+        tensors = _deepspeed_tensors(ckpt, build_model(mcfg))
+    else:
+        raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
     out = Path(out_dir) if out_dir is not None else ckpt
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("student", "ema"):
         paths[name] = out / f"{name}.safetensors"
-        save_safetensors(state["engine"][name], mcfg, paths[name])
+        save_safetensors(tensors[name], mcfg, paths[name])
     return paths
+
+
+def _deepspeed_tensors(ckpt: Path, template) -> dict[str, dict]:
+    from trainer.engines.deepspeed import EMA_DIR, TAG, consolidate_ema, import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    full = template.state_dict()  # buffers (pos_embed) come from the constructor
+    student = {**full, **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)}
+    ema = {**full, **consolidate_ema(sorted((ckpt / EMA_DIR).glob("rank*.safetensors")))}
+    for name, sd in (("student", student), ("ema", ema)):
+        missing = set(full) - set(sd)
+        if missing:
+            raise CheckpointError(f"{ckpt}: the DeepSpeed checkpoint lacks {name} tensors {sorted(missing)[:5]}")
+    return {"student": student, "ema": ema}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,22 @@ import torch.distributed as dist
 
 from data import build_loader
 from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
-from trainer.checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state, stateful
+from trainer.checkpoint import (
+    CheckpointError, Checkpointer, check_teacher, config_changes, rng_state, set_rng_state, step_dir_name,
+)
 from trainer.config import RunConfig, config_hash, to_yaml
-from trainer.distributed import DistEnv, all_reduce_mean, any_rank, destroy_distributed, init_distributed
+from trainer.distributed import DistEnv, agree, all_reduce_mean, destroy_distributed, init_distributed
 from trainer.engines import build_engine
 from trainer.evaluate import router_map, sample_images
+from trainer.faults import Faults
 from trainer.monitor import Monitor, peak_memory_gb
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from trainer.step import DistillStep, Stopwatch
+from trainer.watchdog import StallWatchdog
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a NaN/Inf loss or gradient."""
+    """Too many consecutive steps with a NaN/Inf loss or gradient (each one's update was skipped)."""
 
 
 @dataclass
@@ -42,16 +47,23 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def train(cfg: RunConfig, teacher=None, teacher_id: dict[str, Any] | None = None) -> RunResult:
-    """Run (or resume) the training described by `cfg`; returns where it stopped and why."""
+def train(cfg: RunConfig, teacher=None, teacher_id: dict[str, Any] | None = None,
+          preempt: PreemptionFlag | None = None) -> RunResult:
+    """Run (or resume) the training described by `cfg`; returns where it stopped and why.
+
+    `preempt`: a flag a launcher installed early (else the loop installs `train.preempt_signals`)."""
     env = init_distributed(cfg.engine.collective_timeout_s)
+    own_flag = preempt is None
+    preempt = preempt or PreemptionFlag(tuple(cfg.train.preempt_signals))
     try:
-        return _train(cfg, env, teacher, teacher_id)
+        return _train(cfg, env, teacher, teacher_id, preempt)
     finally:
+        if own_flag:
+            preempt.restore()
         destroy_distributed()
 
 
-def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
+def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: PreemptionFlag) -> RunResult:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,12 +80,14 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
     loader = build_loader(cfg.data, env.rank, env.world_size)
     step_fn = DistillStep(cfg, objective, engine)
 
+    faults = Faults.from_env()  # test-only fault injection; inert unless DITILL_DEBUG_FAULTS is set
     identity = {"config_hash": config_hash(cfg), "teacher": teacher_id or None}
     ckpt = Checkpointer(
         run_dir, env, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
-        async_save=cfg.checkpoint.async_save, identity=identity,
+        async_save=cfg.checkpoint.async_save, identity=identity, config_yaml=to_yaml(cfg),
+        before_commit=faults.before_commit,
     )
-    app = {"engine": stateful(engine.state_dict, engine.load_state_dict)}
+    app = engine.checkpoint_state()
     state = {"step": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
     start = _resume(cfg, env, ckpt, app, state, loader, step_fn, teacher_id)
 
@@ -84,7 +98,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
         f"teacher={'none' if teacher is None else cfg.teacher.path} start_step={start}"
         + (f" inherit: {report.summary()}" if report else "")
     )
-    preempt = PreemptionFlag(tuple(cfg.train.preempt_signals))
+    watchdog = StallWatchdog(cfg.engine.collective_timeout_s, run_dir, env.rank)
     accum = cfg.train.global_batch // (env.world_size * cfg.train.micro_batch)
     watch = Stopwatch(env.device)
     data_iter = iter(loader)
@@ -93,31 +107,26 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
     sums: dict[str, float] = {}
     try:
         while step < cfg.train.steps:
+            watchdog.arm(f"step {step + 1}")
             log_now = _every(step + 1, cfg.train.log_every) or step + 1 == cfg.train.steps
             watch.reset(precise=log_now)
             t_step = time.perf_counter()
             terms: dict[str, torch.Tensor] = {}
             for a in range(accum):
                 with watch.section("data"):
-                    batch = next(data_iter)
+                    batch = faults.batch(step + 1, env.rank, next(data_iter))
                 with engine.accumulate(a == accum - 1):
                     micro = step_fn(batch, step, watch, 1.0 / accum)
                 for k, v in micro.items():
                     terms[k] = terms.get(k, 0.0) + v / accum
+            faults.step(step + 1, env.rank, lambda: preempt.requested)
+            # one collective: has any rank been signalled, has any rank a non-finite loss?
+            stop, bad_loss = agree([preempt.requested, not math.isfinite(float(terms["loss"]))], env.device)
             with watch.section("optimizer"):
-                out = engine.step(step)
+                out = engine.step(step, skip=bad_loss)  # a non-finite loss or gradient skips the update
             step += 1
             state["step"] = step
-            skipped = out["skipped"] > 0 or not math.isfinite(float(terms["loss"]))
-            state["skipped_steps"] += int(skipped)
-            state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
-            if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
-                good = ckpt.complete_steps()
-                raise NonFiniteError(
-                    f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (last at step "
-                    f"{step}); the last good checkpoint is {good[-1] if good else 'none'} in {ckpt.root}. "
-                    "Lower optim.lr, enable optim.grad_clip, or check the data."
-                )
+            _count_nonfinite(cfg, monitor, ckpt, state, step, skipped=out["skipped"] > 0)
             step_time = time.perf_counter() - t_step
             for k, v in {**{k: float(v) for k, v in terms.items()}, **out}.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -127,22 +136,44 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id) -> RunResult:
                 sums = {}
             monitor.progress(step, float(terms["loss"]))
             if _every(step, cfg.sample.every):
+                watchdog.arm(f"evaluation after step {step}")
                 _evaluate(cfg, engine, objective, monitor, step)
-            stop = any_rank(preempt.requested, env.device)
             if _every(step, cfg.checkpoint.every) or stop or step == cfg.train.steps:
+                watchdog.arm(f"checkpoint of step {step}")
                 _save(ckpt, engine_app=app, state=state, loader=loader, step_fn=step_fn, step=step, blocking=stop or step == cfg.train.steps)
             if stop:
                 monitor.text(f"[ditill] preemption ({preempt.signal_name or 'another rank'}): checkpointed step {step}, exiting for requeue")
                 result.preempted, result.exit_code = True, REQUEUE_EXIT_CODE
                 break
         result.step = step
+        watchdog.arm("the final checkpoint")
         ckpt.wait()
     finally:
-        preempt.restore()
+        watchdog.close()
         monitor.close()
         if hasattr(loader, "close"):
             loader.close()
     return result
+
+
+def _count_nonfinite(cfg, monitor: Monitor, ckpt: Checkpointer, state, step: int, skipped: bool) -> None:
+    """Count a skipped (non-finite) step; `train.max_nonfinite` in a row stop the run, naming the newest
+    checkpoint written before the streak began."""
+    state["skipped_steps"] += int(skipped)
+    state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if skipped else 0
+    if skipped:
+        monitor.text(f"[ditill] step {step}: non-finite loss or gradient, update skipped "
+                     f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in all)")
+    if state["nonfinite_in_a_row"] >= cfg.train.max_nonfinite:
+        ckpt.wait()
+        streak_start = step - state["nonfinite_in_a_row"]  # checkpoints after it hold skipped steps
+        good = [s for s in ckpt.complete_steps() if s <= streak_start]
+        raise NonFiniteError(
+            f"{state['nonfinite_in_a_row']} consecutive steps had a NaN/Inf loss or gradient (train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}, last at step {step}); the last good checkpoint is "
+            f"{ckpt.root / step_dir_name(good[-1]) if good else 'none (no checkpoint was written)'}. "
+            "Lower optim.lr, enable optim.grad_clip, or check the data, then resume from it."
+        )
 
 
 def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_id) -> int:
@@ -156,20 +187,25 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_i
             )
         return 0
     manifest = ckpt.manifest(path)
-    saved_teacher = (manifest.get("teacher") or {}) if isinstance(manifest.get("teacher"), dict) else {}
-    if teacher_id and saved_teacher and saved_teacher.get("sha256") != teacher_id.get("sha256"):
-        if not (cfg.teacher and cfg.teacher.allow_changed):
-            raise CheckpointError(
-                f"the teacher changed since {path} was written (was {saved_teacher.get('path')}, now "
-                f"{teacher_id.get('path')}); resume with the same teacher or set teacher.allow_changed=true"
-            )
+    check_teacher(manifest, teacher_id, bool(cfg.teacher and cfg.teacher.allow_changed), path)
+    saved_cfg = ckpt.saved_config(path)
+    if env.is_main and saved_cfg is not None and manifest.get("config_hash") != config_hash(cfg):
+        changes = config_changes(saved_cfg, to_yaml(cfg))
+        warnings.warn(f"the config changed since {path} was written:\n  " + "\n  ".join(changes))
     extras = ckpt.load(path, app)
     if "resharded_from" in extras:
+        # Another world size: model, EMA and optimizer were resharded by the engine's format. The shared
+        # generator (noise, timesteps, guidance dropout) is the same on every rank and carries over; the
+        # per-rank streams cannot (there is no rank r of the old run to take them from), so they are
+        # re-seeded from (seed, step). The data position is global and carries over (re-planned by the
+        # loader when the global batch changed).
         old = extras["resharded_from"]
         state.update(old[0]["train"])
         step_fn.shared.set_state(torch.tensor(old[0]["shared_rng"], dtype=torch.uint8))
-        seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)  # per-rank streams cannot carry over
+        seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)
         loader.load_state_dict(old[0]["loader"])
+        if env.is_main:
+            warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size}: per-rank RNG streams re-seeded")
     else:
         state.update(extras["train"])
         set_rng_state(extras["rng"])
@@ -205,13 +241,12 @@ def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_tim
 
 def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int) -> None:
     raw = engine.raw_student
-    for name, module in engine.eval_modules():
+    for i, (name, module) in enumerate(engine.eval_modules()):
         imgs = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast())
         monitor.images(step, f"samples/{name}", imgs)
-    if raw.config.dynamic:
-        maps = router_map(engine.ema.module if engine.ema else engine.student, raw, objective, engine.env.device)
-        for k, m in maps.items():
-            monitor.heatmap(step, f"routers/{k}", m)
+        if i == 0 and raw.config.dynamic:  # the routers of the student (its EMA when there is one)
+            for k, m in router_map(module, raw, objective, engine.env.device).items():
+                monitor.heatmap(step, f"routers/{k}", m)
     if dist.is_initialized():
         dist.barrier()
 

@@ -1,8 +1,8 @@
 """What makes a checkpoint directory trustworthy: a manifest of its files, sizes and checksums.
 
 A checkpoint is complete only once `manifest.json` exists in its final (renamed) directory; the
-manifest is written last, after every rank's files are on disk. Verification is split across
-ranks so no rank reads the whole checkpoint.
+manifest is written last, after every rank's files are on disk and fsync-ed. Verification is split
+across ranks so no rank reads the whole checkpoint.
 """
 from __future__ import annotations
 
@@ -33,13 +33,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename over `path`, fsync the directory: readers see the old or the new text."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def file_entries(root: Path, files: list[Path]) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from trainer.distributed import DistEnv
 
@@ -28,7 +27,14 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     resumed run's metrics.jsonl holds each step once."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+        if record.get("step", 0) <= max_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -72,6 +78,8 @@ class Monitor:
         """images (B, C, H, W) in [-1, 1] → one grid in TensorBoard and `samples/<tag>_<step>.png`."""
         if self.writer is None:
             return
+        from torchvision.utils import make_grid, save_image  # imported here: 1.4 s off every process start
+
         grid = make_grid(images.float().clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
         self.writer.add_image(tag, grid, step)
         save_image(grid, self.run_dir / "samples" / f"{tag.replace('/', '_')}_{step:08d}.png")
@@ -80,6 +88,8 @@ class Monitor:
         """A (rows, cols) matrix in [0, 1] as a grey image (e.g. active units per layer × timestep)."""
         if self.writer is None:
             return
+        from torchvision.utils import save_image
+
         img = matrix.float().clamp(0, 1).unsqueeze(0)
         self.writer.add_image(tag, img, step)
         save_image(img, self.run_dir / "samples" / f"{tag.replace('/', '_')}_{step:08d}.png")

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer.checkpoint import CheckpointState, DCPState
 from trainer.config import RunConfig
 from trainer.distributed import DistEnv
 from trainer.ema import EMA
@@ -73,8 +74,11 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, step: int) -> dict[str, float]:
-        """Clip, check for non-finite gradients, update, schedule. Returns grad_norm, lr, skipped."""
+    def step(self, step: int, skip: bool = False) -> dict[str, float]:
+        """Clip, check for non-finite gradients, update, schedule. Returns grad_norm, lr, skipped.
+
+        `skip`: the ranks agreed that a loss was non-finite; the update (and EMA) must not happen.
+        A non-finite global gradient norm skips it too; `skipped` reports either."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -82,6 +86,10 @@ class Engine(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def checkpoint_state(self) -> CheckpointState:
+        """How the Checkpointer saves and loads this engine: DCP over `state_dict` by default."""
+        return DCPState(self.state_dict, self.load_state_dict)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -123,9 +131,9 @@ class TorchEngine(Engine):
             norm = norm.full_tensor()
         return norm
 
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int, skip: bool = False) -> dict[str, float]:
         norm = self.clip_and_norm()
-        finite = bool(torch.isfinite(norm).item())  # the norm is global, so every rank agrees
+        finite = bool(torch.isfinite(norm).item()) and not skip  # the norm is global, so every rank agrees
         if finite:
             self.optimizer.step()
             if self.ema is not None:
