@@ -102,8 +102,13 @@ def test_distillation_from_a_teacher_file_lowers_the_kd_loss(tmp_path):
         tmp_path / "c.yaml", model="lit-s/2", student={"init": "inherit"},
         teacher={"path": str(path)}, train={"steps": 40, "log_every": 1},
         optim={"lr": 2e-3}, distill={"lambda_noise": 1.0, "lambda_var": 0.05, "diffusion_weight": 0.0},
+        sample={"every": 40, "num": 4, "steps": 2},
     )
     _ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}"]))
+    grid = tmp_path / "r" / "samples" / "samples_ema_vs_teacher_00000040.png"
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > Image.open(tmp_path / "r" / "samples" / "samples_ema_00000040.png").size[0]
     kd = [m["loss/kd"] for m in metrics(tmp_path / "r")]
     first, last = sum(kd[:5]) / 5, sum(kd[-5:]) / 5
     assert last < 0.5 * first, (first, last)

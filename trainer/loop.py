@@ -240,13 +240,17 @@ def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_tim
 
 
 def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int) -> None:
+    """Sample grids from fixed noise and labels on every rank; the EMA student beside the teacher."""
     raw = engine.raw_student
+    grids = {}
     for i, (name, module) in enumerate(engine.eval_modules()):
-        imgs = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast())
-        monitor.images(step, f"samples/{name}", imgs)
+        grids[name] = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast())
+        monitor.images(step, f"samples/{name}", grids[name])
         if i == 0 and raw.config.dynamic:  # the routers of the student (its EMA when there is one)
             for k, m in router_map(module, raw, objective, engine.env.device).items():
                 monitor.heatmap(step, f"routers/{k}", m)
+    if len(grids) > 1:  # each cell: student | teacher, same noise and label
+        monitor.images(step, "samples/" + "_vs_".join(grids), torch.cat(list(grids.values()), dim=-1))
     if dist.is_initialized():
         dist.barrier()
 
