@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from models.dynamic import UnitSelection, unit_rows
+from models.dynamic import SlicedWeights, UnitSelection
 from models.kernels.dispatch import get_ops
 
 
@@ -25,6 +25,8 @@ class _MultiHeadProjections(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self._qkv_slices = SlicedWeights()
+        self._proj_slices = SlicedWeights()
 
     def _qkv(self, x: torch.Tensor, heads: UnitSelection | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, h, N, d) for all heads or only the selected ones."""
@@ -33,9 +35,9 @@ class _MultiHeadProjections(nn.Module):
             qkv = self.qkv(x)
             h = self.num_heads
         else:
-            rows = unit_rows(heads.index, self.head_dim)
-            rows = torch.cat([rows, rows + self.dim, rows + 2 * self.dim])
-            qkv = F.linear(x, self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows))
+            params = (self.qkv.weight, self.qkv.bias)
+            w, bias = self._qkv_slices.get(heads, params, lambda: self._slice_qkv(heads))
+            qkv = F.linear(x, w, bias)
             h = heads.index.numel()
         # Split on the (b, n, 3, h, d) view and transpose each: the backward's stack of dq, dk, dv
         # then lands directly in qkv's layout (a permute-then-unbind would add a full copy).
@@ -56,8 +58,15 @@ class _MultiHeadProjections(nn.Module):
         o = o.reshape(b, n, h * d)
         if heads is None or heads.full:
             return self.proj(o)
-        cols = unit_rows(heads.index, self.head_dim)
-        return F.linear(o, self.proj.weight.index_select(1, cols), self.proj.bias)
+        (w,) = self._proj_slices.get(
+            heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, heads.rows(self.head_dim)),)
+        )
+        return F.linear(o, w, self.proj.bias)
+
+    def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the fused qkv weight and bias for the selected heads (their q, k and v parts)."""
+        rows = heads.rows(self.head_dim, copies=3, stride=self.dim)
+        return self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows)
 
 
 class SoftmaxAttention(_MultiHeadProjections):
