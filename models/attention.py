@@ -156,7 +156,8 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
                 g = grad.contiguous(memory_format=torch.channels_last)
                 dx = F.conv2d(g, weight.to(x.dtype).flip(-1, -2), None, padding=k - 1 - p, groups=c)
             if need_w:
-                xp = F.pad(x.contiguous(), (p, p, p, p)).reshape(1, b * c, hh + 2 * p, ww + 2 * p)
+                xp = x.new_zeros(1, b * c, hh + 2 * p, ww + 2 * p)  # padded NCHW x in one copy
+                xp[..., p : p + hh, p : p + ww].view(b, c, hh, ww).copy_(x)
                 kern = grad.contiguous().reshape(b * c, 1, hh, ww)
                 dw = F.conv2d(xp, kern, groups=b * c).reshape(b, c, k, k).sum(0).unsqueeze(1)
             if ctx.has_bias and need_b:
