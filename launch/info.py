@@ -129,7 +129,7 @@ def format_table(info: dict[str, Any]) -> str:
         f"{', dynamic' if info['dynamic'] else ''})  overrides={info['overrides'] or '{}'}",
         f"latent {info['input_size']}x{info['input_size']} (~{info['image_size']}px), {info['tokens']} tokens, "
         f"depth {info['depth']}, hidden {info['hidden_size']}, heads {info['num_heads']}",
-        f"parameters: {p['total']:,} ({p['total'] / 1e6:.2f} M)",
+        f"parameters: {p['total']:,} ({p['total'] / 1e6:.2f} M; the fixed sin-cos pos_embed is a buffer, not counted)",
         f"GFLOPs per image (multiply-adds): {g:.3f}",
         "",
         f"{'part':<14}{'params':>14}{'GFLOPs/block':>14}{'GFLOPs total':>14}{'share':>8}",
