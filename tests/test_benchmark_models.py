@@ -22,11 +22,11 @@ def test_quick_json_has_every_field(quick_result):
     assert res["suite"] == "models" and res["quick"] and res["threads"] >= 1
     assert [r["tokens"] for r in res["attention"]] == [c.tokens for c in bench.QUICK_ATTN]
     for r in res["attention"]:
-        for key in ("batch", "repeats", "softmax_ms", "lit_ms", "speedup", "flops_ratio"):
+        for key in ("batch", "repeats", "softmax_ms", "lit_ms", "speedup", "speedup_paired", "speedup_best", "flops_ratio"):
             assert r[key] > 0, key
         assert len(r["softmax_all_ms"]) == len(r["lit_all_ms"]) == r["repeats"]
     d = res["dynamic"]
-    for key in ("static_ms", "sliced_ms", "masked_ms", "speedup", "ideal_speedup", "efficiency",
+    for key in ("static_ms", "sliced_ms", "masked_ms", "speedup", "speedup_paired", "speedup_best", "ideal_speedup", "efficiency",
                 "gflops_static", "gflops_realised"):
         assert d[key] > 0, key
     assert d["gflops_realised"] < d["gflops_static"]
@@ -56,6 +56,12 @@ def test_dispatcher_runs_the_suite(capsys, monkeypatch):
     assert benchmark.main(["models", "--quick", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"quick": True}
     assert benchmark.main(["nope"]) == 2
+
+
+def test_paired_ratio_cancels_a_load_step():
+    # load doubles half-way: the ratio of medians drifts, each back-to-back pair still reads 2x
+    a, b = [2.0, 2.0, 4.0, 4.0, 4.0], [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert bench.paired_ratio(a, b) == 2.0
 
 
 def test_time_interleaved_rotates_and_counts():
