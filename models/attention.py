@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from models.dynamic import UnitSelection, unit_rows
+from models.dynamic import SlicedWeights, UnitSelection
 from models.kernels.dispatch import get_ops
 
 
@@ -24,6 +25,8 @@ class _MultiHeadProjections(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self._qkv_slices = SlicedWeights()
+        self._proj_slices = SlicedWeights()
 
     def _qkv(self, x: torch.Tensor, heads: UnitSelection | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, h, N, d) for all heads or only the selected ones."""
@@ -32,25 +35,38 @@ class _MultiHeadProjections(nn.Module):
             qkv = self.qkv(x)
             h = self.num_heads
         else:
-            rows = unit_rows(heads.index, self.head_dim)
-            rows = torch.cat([rows, rows + self.dim, rows + 2 * self.dim])
-            qkv = F.linear(x, self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows))
+            params = (self.qkv.weight, self.qkv.bias)
+            w, bias = self._qkv_slices.get(heads, params, lambda: self._slice_qkv(heads))
+            qkv = F.linear(x, w, bias)
             h = heads.index.numel()
-        q, k, v = qkv.reshape(b, n, 3, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
+        # Split on the (b, n, 3, h, d) view and transpose each: the backward's stack of dq, dk, dv
+        # then lands directly in qkv's layout (a permute-then-unbind would add a full copy).
+        q, k, v = qkv.view(b, n, 3, h, self.head_dim).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _out(self, o: torch.Tensor, head_mask: torch.Tensor | None, heads: UnitSelection | None) -> torch.Tensor:
-        """Merge heads (B, h, N, d) → (B, N, D) through `proj`, masking or slicing heads."""
-        b, h, n, d = o.shape
+        """Merge heads (B, N, h, d) → (B, N, D) through `proj`, masking or slicing heads.
+
+        Heads arrive token-major: SDPA's CPU and CUDA kernels already lay their output out that way,
+        and LiT builds it so, so the merge is a view rather than a transposing copy.
+        """
+        b, n, h, d = o.shape
         if heads is not None and heads.mask is not None:
-            o = o * heads.mask[:, :, None, None].to(o.dtype)
+            o = o * heads.mask[:, None, :, None].to(o.dtype)
         if head_mask is not None:
-            o = o * head_mask[:, :, None, None].to(o.dtype)
-        o = o.transpose(1, 2).reshape(b, n, h * d)
+            o = o * head_mask[:, None, :, None].to(o.dtype)
+        o = o.reshape(b, n, h * d)
         if heads is None or heads.full:
             return self.proj(o)
-        cols = unit_rows(heads.index, self.head_dim)
-        return F.linear(o, self.proj.weight.index_select(1, cols), self.proj.bias)
+        (w,) = self._proj_slices.get(
+            heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, heads.rows(self.head_dim)),)
+        )
+        return F.linear(o, w, self.proj.bias)
+
+    def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the fused qkv weight and bias for the selected heads (their q, k and v parts)."""
+        rows = heads.rows(self.head_dim, copies=3, stride=self.dim)
+        return self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows)
 
 
 class SoftmaxAttention(_MultiHeadProjections):
@@ -65,7 +81,7 @@ class SoftmaxAttention(_MultiHeadProjections):
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, heads)
         o = F.scaled_dot_product_attention(q, k, v)
-        return self._out(o, head_mask, heads)
+        return self._out(o.transpose(1, 2), head_mask, heads)
 
 
 class LinearAttention(_MultiHeadProjections):
@@ -94,13 +110,70 @@ class LinearAttention(_MultiHeadProjections):
         heads: UnitSelection | None = None,
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, heads)
-        o = get_ops(self.kernels, x.device).linear_attention(q, k, v, self.eps)
+        o = get_ops(self.kernels, x.device).linear_attention(q, k, v, self.eps).transpose(1, 2)  # (B, N, h, d)
         if self.dwc is not None:
             b, h, n, d = v.shape
             gh, gw = grid_hw
-            v_img = v.reshape(b * h, n, d).transpose(1, 2).reshape(b * h, d, gh, gw)
-            o = o + self.dwc(v_img).reshape(b, h, d, n).transpose(2, 3).to(o.dtype)
+            # The heads share one d-channel kernel, so the conv runs once over all h·d channels with
+            # the kernel tiled per head, on V's own token-major (channels-last) layout: no transposes.
+            v_img = v.transpose(1, 2).reshape(b, gh, gw, h * d).permute(0, 3, 1, 2)
+            bias = None if self.dwc.bias is None else self.dwc.bias.repeat(h)
+            c = depthwise_conv2d(v_img, self.dwc.weight.repeat(h, 1, 1, 1), bias)
+            o = c.permute(0, 2, 3, 1).reshape(b, n, h, d).to(o.dtype) + o
         return self._out(o, head_mask, heads)
+
+
+class _DepthwiseConv2dCPU(torch.autograd.Function):
+    """Depthwise k×k conv (stride 1, 'same' padding) in channels-last, with a fast weight gradient.
+
+    On the CPU, oneDNN's depthwise weight gradient is several times slower than its forward (it
+    dominated LiT's backward at 4k-16k tokens). The same gradient is a grouped correlation of the
+    padded input with the output gradient as the kernel, which oneDNN runs fast in NCHW; the input
+    gradient is the forward conv with the flipped kernel. First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        b, c, hh, ww = x.shape
+        k = weight.shape[-1]
+        p = k // 2
+        dx = dw = db = None
+        # In the inputs' own dtype with autocast off: under bf16 autocast the forward ran in bf16,
+        # but the gradients must match x and weight (and are better in their precision anyway).
+        with torch.autocast(device_type="cpu", enabled=False):
+            grad = grad.to(x.dtype)
+            if need_x:
+                g = grad.contiguous(memory_format=torch.channels_last)
+                dx = F.conv2d(g, weight.to(x.dtype).flip(-1, -2), None, padding=k - 1 - p, groups=c)
+            if need_w:
+                xp = x.new_zeros(1, b * c, hh + 2 * p, ww + 2 * p)  # padded NCHW x in one copy
+                xp[..., p : p + hh, p : p + ww].view(b, c, hh, ww).copy_(x)
+                kern = grad.contiguous().reshape(b * c, 1, hh, ww)
+                dw = F.conv2d(xp, kern, groups=b * c).reshape(b, c, k, k).sum(0).unsqueeze(1)
+            if ctx.has_bias and need_b:
+                db = grad.sum(dim=(0, 2, 3))
+        return dx, dw, db
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, padding=k//2, groups=C)`; on the CPU, in channels-last (oneDNN's fast
+    depthwise layout) and, with grad, with the fast weight gradient above."""
+    if x.device.type != "cpu":
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _DepthwiseConv2dCPU.apply(x, weight, bias)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 
 def build_attention(kind: str, dim: int, num_heads: int, dwc_kernel: int, eps: float, kernels: str) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import DiTConfig
-from models.dynamic import Router, TokenSelect, UnitSelection
+from models.dynamic import Router, TokenSelect, UnitSelection, WidthPlan
 from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
@@ -39,9 +39,19 @@ class DiTBlock(nn.Module):
                 self.token_selection = TokenSelect(d, cfg.token_router_reduction, cfg.router_tau, cfg.router_threshold)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor, grid_hw: tuple[int, int], mode: str
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        t_emb: torch.Tensor,
+        grid_hw: tuple[int, int],
+        mode: str,
+        plan: WidthPlan | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """mode: "static" (every unit), "masked" (train path) or "sliced" (inference path)."""
+        """mode: "static" (every unit), "masked" (train path) or "sliced" (inference path).
+
+        `plan` is this block's width decision for `t_emb` when the caller already has it (cached
+        per timestep at inference); otherwise the routers run here.
+        """
         ops = get_ops(self.kernels, x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         if mode == "static":
@@ -49,23 +59,27 @@ class DiTBlock(nn.Module):
             y = self.mlp(ops.modulate_layernorm(x, shift_mlp, scale_mlp, LN_EPS))
             return ops.gated_residual(x, gate_mlp, y), None
 
-        head_mask = self.attn_rate(t_emb)
-        group_mask = self.mlp_rate(t_emb)
+        if plan is None:
+            plan = self.width_plan(t_emb, sliced=mode == "sliced")
         h = ops.modulate_layernorm(x, shift_msa, scale_msa, LN_EPS)
         if mode == "masked":
-            x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, head_mask=head_mask))
+            x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, head_mask=plan.head_mask))
         else:
-            x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, heads=UnitSelection.from_mask(head_mask)))
+            x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, heads=plan.heads))
 
         b, n, _ = x.shape
         token_mask = self.token_selection(x) if self.token_routing else x.new_ones(b, n, dtype=torch.float32)
         h = ops.modulate_layernorm(x, shift_mlp, scale_mlp, LN_EPS)
         if mode == "masked":
-            y = self.mlp(h, unit_mask=group_mask.unsqueeze(1))
+            y = self.mlp(h, unit_mask=plan.group_mask.unsqueeze(1))
             x = x + (token_mask.unsqueeze(-1).to(y.dtype) * gate_mlp.unsqueeze(1)) * y
         else:
-            x = self._sliced_mlp(x, h, gate_mlp, UnitSelection.from_mask(group_mask), token_mask, ops)
-        return x, {"head": head_mask, "channel": group_mask, "token": token_mask}
+            x = self._sliced_mlp(x, h, gate_mlp, plan.groups, token_mask, ops)
+        return x, {"head": plan.head_mask, "channel": plan.group_mask, "token": token_mask}
+
+    def width_plan(self, t_emb: torch.Tensor, sliced: bool) -> WidthPlan:
+        """The head and channel-group routers' decision for timestep embeddings `t_emb` (B, D)."""
+        return WidthPlan.build(self.attn_rate(t_emb), self.mlp_rate(t_emb), sliced)
 
     def _sliced_mlp(self, x, h, gate, groups: UnitSelection, token_mask: torch.Tensor, ops) -> torch.Tensor:
         """Only the active channel groups, and only for routed tokens (gather → MLP → scatter-add)."""
@@ -114,6 +128,8 @@ class DiT(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
         self.dynamic_exec = "auto"  # eval of a dynamic model: "sliced" unless set to "masked"
+        self._plan_cache: dict = {}  # inference width plans per timestep batch (see width_plans)
+        self._plan_cache_sig: tuple = ()
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -200,6 +216,51 @@ class DiT(nn.Module):
             raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
         return "masked" if self.dynamic_exec == "masked" else "sliced"
 
+    PLAN_CACHE_SIZE = 1024  # distinct sampling timesteps; a plan is a few (1, H) tensors per block
+
+    def width_plans(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> list[WidthPlan | None]:
+        """Per-block width plans for this forward, or Nones (each block then runs its routers).
+
+        The head and channel masks are a function of t alone (METHODS §1.1), and a sampling step
+        shares one t across the batch. So at inference (sliced, no autograd) with a uniform t the
+        plans are computed once per timestep (one mask row kept) and reused by every later call at
+        that t: no routers, no mask → unit-index work or its host syncs. The cache is invalidated
+        whenever a router or timestep-embedder weight changes (optimiser or EMA update,
+        `load_state_dict`, `.to()`). Training, masked eval and per-sample timesteps never use it.
+        """
+        none: list[WidthPlan | None] = [None] * len(self.blocks)
+        if mode != "sliced" or torch.is_grad_enabled() or t.ndim != 1 or t.numel() == 0:
+            return none
+        values = t.tolist()
+        if any(v != values[0] for v in values):
+            return none
+        sig = self._router_signature()
+        if sig is None:
+            return none
+        if sig != self._plan_cache_sig:
+            self._plan_cache, self._plan_cache_sig = {}, sig
+        key = (values[0], t_emb.dtype, t_emb.device)
+        plans = self._plan_cache.get(key)
+        if plans is None:
+            if len(self._plan_cache) >= self.PLAN_CACHE_SIZE:
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
+            plans = [block.width_plan(t_emb, sliced=True) for block in self.blocks]
+            plans = [WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups) for p in plans]
+            self._plan_cache[key] = plans
+        b = t.shape[0]
+        return [WidthPlan(p.head_mask.expand(b, -1), p.group_mask.expand(b, -1), p.heads, p.groups) for p in plans]
+
+    def _router_signature(self) -> tuple | None:
+        """Identity and version of every tensor a width plan depends on; None when a weight is an
+        inference tensor (it has no version counter, so a change could not be seen: no caching)."""
+        params = list(self.t_embedder.parameters())
+        for block in self.blocks:
+            params += list(block.attn_rate.parameters()) + list(block.mlp_rate.parameters())
+        if any(p.is_inference() for p in params):
+            return None
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         b = x.shape[0]
         p, c = self.patch_size, self.out_channels
@@ -227,9 +288,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
         mode = self._exec_mode(complete)
+        plans = self.width_plans(t, t_emb, mode) if mode != "static" else [None] * len(self.blocks)
         masks = []
-        for block in self.blocks:
-            h, block_masks = block(h, c, t_emb, grid_hw, mode)
+        for block, plan in zip(self.blocks, plans):
+            h, block_masks = block(h, c, t_emb, grid_hw, mode, plan=plan)
             if block_masks is not None:
                 masks.append(block_masks)
         out = self.unpatchify(self.final_layer(h, c), grid_hw)

@@ -10,7 +10,8 @@ Parameter names follow alibaba-damo-academy/DyDiT (`attn_rate.router`, `mlp_rate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, thresho
     else:
         soft = torch.sigmoid(logits)
     hard = (soft > threshold).to(soft.dtype)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return hard  # no gradient to carry (inference): the STE's value is `hard`, minus 2 ops
     return hard - soft.detach() + soft
 
 
@@ -79,10 +82,29 @@ class UnitSelection:
     index: torch.Tensor
     mask: torch.Tensor | None
     total: int
+    _rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def full(self) -> bool:
         return self.mask is None and self.index.numel() == self.total
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """The selected unit ids (one host read, memoised): identifies the sliced weights."""
+        if "key" not in self._rows:
+            self._rows["key"] = (self.total, *self.index.tolist())
+        return self._rows["key"]
+
+    def rows(self, unit_size: int, copies: int = 1, stride: int = 0) -> torch.Tensor:
+        """Weight rows of the selected units, `copies` times at offsets `k·stride` (q, k, v of a fused
+        qkv). Memoised: a cached width plan re-slices with no index arithmetic."""
+        key = (unit_size, copies, stride)
+        if key not in self._rows:
+            rows = unit_rows(self.index, unit_size)
+            if copies > 1:
+                rows = torch.cat([rows + k * stride for k in range(copies)])
+            self._rows[key] = rows
+        return self._rows[key]
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "UnitSelection":
@@ -92,6 +114,51 @@ class UnitSelection:
         sub = hard[:, index]
         per_sample = None if bool(sub.all()) else sub.to(mask.dtype)
         return cls(index=index, mask=per_sample, total=mask.shape[1])
+
+
+@dataclass
+class WidthPlan:
+    """One block's timestep-wise width decision for a batch of timesteps: the (B, H) head and (B, G)
+    channel-group masks and, for the sliced path, the units to compute. A function of t alone, so
+    inference computes it once per sampling step (see `DiT.width_plans`)."""
+
+    head_mask: torch.Tensor
+    group_mask: torch.Tensor
+    heads: UnitSelection | None = None
+    groups: UnitSelection | None = None
+
+    @classmethod
+    def build(cls, head_mask: torch.Tensor, group_mask: torch.Tensor, sliced: bool) -> "WidthPlan":
+        if not sliced:
+            return cls(head_mask, group_mask)
+        return cls(head_mask, group_mask, UnitSelection.from_mask(head_mask), UnitSelection.from_mask(group_mask))
+
+
+class SlicedWeights:
+    """The latest sliced copies of a layer's weights for one unit pattern (inference only).
+
+    Slicing copies the active rows/columns (index_select) on every call, yet at inference one
+    pattern serves every call at a timestep (and often neighbouring timesteps). So the copies of the
+    latest pattern are kept and reused while the source weights are unchanged (same storage and
+    version counter). One pattern per layer bounds the memory at one copy of its active weights.
+    With autograd on, slices are made fresh: they must stay differentiable functions of the weights.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, ...] = ()
+
+    def get(
+        self, sel: UnitSelection, params: tuple[torch.Tensor, ...], make: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+            return make()
+        key = (sel.key, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        if key != self._key:
+            self._key, self._value = None, ()  # drop the old copies before making the new ones
+            self._value = make()
+            self._key = key
+        return self._value
 
 
 def expand_group_mask(mask: torch.Tensor, group_size: int) -> torch.Tensor:

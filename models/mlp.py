@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dynamic import UnitSelection, unit_rows
+from models.dynamic import SlicedWeights, UnitSelection
 
 
 class Mlp(nn.Module):
@@ -19,6 +19,12 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim, bias=True)
         self.group_size = hidden // groups
+        self._slices = SlicedWeights()
+
+    def _sliced_weights(self, groups: UnitSelection) -> tuple[torch.Tensor, ...]:
+        rows = groups.rows(self.group_size)
+        return (self.fc1.weight.index_select(0, rows), self.fc1.bias.index_select(0, rows),
+                self.fc2.weight.index_select(1, rows))
 
     def forward(
         self, x: torch.Tensor, unit_mask: torch.Tensor | None = None, groups: UnitSelection | None = None
@@ -27,13 +33,14 @@ class Mlp(nn.Module):
         all groups, or `groups.index` when slicing."""
         sliced = groups is not None and not groups.full
         if sliced:
-            rows = unit_rows(groups.index, self.group_size)
-            h = F.linear(x, self.fc1.weight.index_select(0, rows), self.fc1.bias.index_select(0, rows))
+            params = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
+            w1, b1, w2 = self._slices.get(groups, params, lambda: self._sliced_weights(groups))
+            h = F.linear(x, w1, b1)
         else:
             h = self.fc1(x)
         if unit_mask is not None:
             h = h * unit_mask.repeat_interleave(self.group_size, dim=-1).to(h.dtype)
         h = self.act(h)
         if sliced:
-            return F.linear(h, self.fc2.weight.index_select(1, rows), self.fc2.bias)
+            return F.linear(h, w2, self.fc2.bias)
         return self.fc2(h)

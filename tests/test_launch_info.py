@@ -1,0 +1,69 @@
+"""`python -m launch.info`: parameters counted without allocating, the DiT paper's GFLOPs, clear errors."""
+import json
+
+import pytest
+
+from launch import info
+
+
+def run_json(capsys, *argv):
+    assert info.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name,paper", [("dit-s/2", 6.06), ("dit-b/2", 23.01), ("dit-l/2", 80.71), ("dit-xl/2", 118.64)])
+def test_json_gflops_match_dit_paper(capsys, name, paper):
+    out = run_json(capsys, name)
+    assert out["gflops"] == pytest.approx(paper, rel=0.01)
+    assert out["tokens"] == 256 and out["model"] == name
+    parts = sum(out["gflops_blocks_total"].values()) + sum(out["gflops_embed"].values())
+    assert parts == pytest.approx(out["gflops"], rel=1e-9)  # the split adds up to the total
+
+
+def test_parameter_groups_add_up_and_match_official_dit_xl(capsys):
+    p = run_json(capsys, "dit-xl/2")["params"]
+    groups = {k: v for k, v in p.items() if k != "total"}
+    assert sum(groups.values()) == p["total"]
+    # DiT's train.py prints 675,129,632, which counts its frozen pos_embed (256 x 1152) as a parameter.
+    assert p["total"] + 256 * 1152 == 675_129_632
+    assert p["routers"] == 0
+
+
+def test_dynamic_model_with_overrides(capsys):
+    out = run_json(capsys, "dydit-xl/2", "input_size=64")
+    assert out["tokens"] == 1024 and out["overrides"] == {"input_size": 64} and out["dynamic"]
+    assert out["params"]["routers"] > 0 and out["gflops_per_block"]["routers"] > 0
+    assert out["gflops"] > 4 * 118  # quadratic attention makes 4x tokens cost more than 4x
+
+
+def test_linear_attention_counted_as_computed(capsys):
+    lit = run_json(capsys, "lit-s/2")
+    dit = run_json(capsys, "dit-s/2")
+    assert lit["attention"] == "linear" and lit["num_heads"] == 2
+    assert lit["gflops_per_block"]["attn"] < dit["gflops_per_block"]["attn"]
+    assert lit["gflops_per_block"]["mlp"] == dit["gflops_per_block"]["mlp"]
+
+
+def test_table_output(capsys):
+    assert info.main(["dit-s/2", "depth=2", "hidden_size=64", "num_heads=4"]) == 0
+    text = capsys.readouterr().out
+    for word in ("dit-s/2", "parameters", "GFLOPs", "attention", "mlp", "adaLN", "embeddings", "total"):
+        assert word in text
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [(["dit-q/2"], "unknown model"), (["dit-s/2", "depthx=3"], "unknown model override"),
+     (["dit-s/2", "depth"], "not key=value"), (["dit-s/2", "num_heads=5"], "num_heads"),
+     (["dit-s/2", "depth=abc"], "depth")],
+)
+def test_bad_input_is_a_clear_error_with_exit_code_2(capsys, argv, msg):
+    assert info.main(argv) == 2
+    captured = capsys.readouterr()
+    assert msg in captured.err and captured.out == ""
+
+
+def test_override_values_are_typed():
+    assert info.parse_overrides(["depth=2", "mlp_ratio=2.5", "learn_sigma=false", "attention=linear", "mlp_groups=None"]) == {
+        "depth": 2, "mlp_ratio": 2.5, "learn_sigma": False, "attention": "linear", "mlp_groups": None,
+    }
