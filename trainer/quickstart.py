@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,7 +91,8 @@ class Options:
 
 
 def _log(msg: str) -> None:
-    print(f"[quickstart] {msg}", flush=True)
+    sys.stdout.write(f"[quickstart] {msg}\n")  # one write: lines from the evaluation threads never interleave
+    sys.stdout.flush()
 
 
 def weights_digest(path: Path) -> str:
@@ -197,7 +199,6 @@ def launch_train(name: str, opts: Options, overrides: list[str]) -> int:
     """
     import os
     import subprocess
-    import sys
 
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "PYTHONUNBUFFERED": "1"}
