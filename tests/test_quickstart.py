@@ -1,0 +1,124 @@
+"""`python -m launch.quickstart --quick`: the README's first command, as a smoke run of every stage
+(tiny models, a few steps, a few samples), then again into the same directory to check reuse."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_utils import REPO
+
+MODELS = ("teacher", "lit", "dydit", "dylit")
+
+
+def quickstart(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "launch.quickstart", "--quick", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in out.rglob("*") if p.is_file() and not p.name.startswith("report")}
+
+
+def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path):
+    out = tmp_path / "qs"
+    first = quickstart(out)
+    _ok(first)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == list(MODELS)
+    for r in report["rows"]:
+        for key in ("accuracy", "fd", "gflops", "gflops_vs_teacher", "sample_time_s", "sample_time_vs_teacher",
+                    "params_m", "train_steps"):
+            assert isinstance(r[key], float | int), (r["model"], key)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] >= 0.0 and r["sample_time_s"] > 0
+        assert (out / f"samples_{r['model']}.png").stat().st_size > 0
+        assert (out / r["model"] / "export" / "ema.safetensors").exists()
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["teacher"]["sample_time_vs_teacher"] == 1.0 and rows["teacher"]["flops_ratio"] is None
+    for name in ("dydit", "dylit"):  # realised while sampling, on the sliced path
+        assert 0.0 < rows[name]["flops_ratio"] <= 1.0 and rows[name]["flops_target"] <= 0.8
+        assert rows[name]["gflops"] <= rows[name]["gflops_static"]
+    assert rows["lit"]["flops_ratio"] is None
+    assert set(report["bars"]) == {"teacher_accuracy_ge_0.80", *(f"{s}_accuracy_ge_0.9x_teacher" for s in MODELS[1:])}
+    assert report["eval"]["samples"] > 0 and report["timing"]["batch"] > 0
+    assert "| teacher |" in first.stdout and (out / "report.md").read_text().startswith("# Quickstart report")
+
+    before = _mtimes(out)
+    second = quickstart(out)
+    _ok(second)
+    assert "training" not in second.stdout, second.stdout
+    for stage in (*MODELS, "classifier", "timing"):
+        assert f"[quickstart] {stage}: reusing" in second.stdout, stage
+    assert _mtimes(out) == before  # nothing retrained, re-exported, resampled or re-timed
+    again = json.loads((out / "report.json").read_text())
+    assert again["rows"] == report["rows"]
+    assert all(s["reused"] for s in again["stages"].values())
+
+    # a stage interrupted after its last checkpoint (no export yet) resumes: no step is trained again
+    metrics = (out / "teacher" / "metrics.jsonl").read_text()
+    (out / "teacher" / "export" / "ema.safetensors").unlink()
+    stamp = json.loads((out / "teacher" / "stage.json").read_text())
+    (out / "teacher" / "stage.json").write_text(json.dumps({"key": stamp["key"], "status": "training"}))
+    third = quickstart(out)
+    _ok(third)
+    assert (out / "teacher" / "metrics.jsonl").read_text() == metrics
+    assert "[quickstart] lit: reusing" in third.stdout  # same teacher bytes: the students stay valid
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731
+    assert strip(json.loads((out / "report.json").read_text())["rows"]) == strip(report["rows"])
+
+
+def test_other_settings_into_a_used_directory_are_refused(tmp_path):
+    out = tmp_path / "qs"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "stage.json").write_text(json.dumps({"key": "0000000000000000", "status": "done"}))
+    proc = quickstart(out, timeout=120)
+    assert proc.returncode == 2
+    assert "made with other settings" in proc.stderr and "--out" in proc.stderr
+
+
+def test_shards_are_written_once_and_feed_the_stage_configs(tmp_path):
+    from data import build_loader
+    from data.config import DataConfig
+    from data.manifest import MANIFEST
+    from trainer.quickstart import Options, stage_config, write_shards
+
+    opts = Options(out=tmp_path / "qs", quick=True, data="mds")
+    shards = write_shards(opts)
+    assert (shards / MANIFEST).exists()
+    manifest = json.loads((shards / MANIFEST).read_text())
+    assert sum(s["samples"] for g in manifest["groups"] for s in g["shards"]) == 1797
+    assert write_shards(opts) == shards  # reused, not rewritten
+    cfg = stage_config("teacher", opts, shards)
+    assert cfg.data.format == "mds" and cfg.data.path == str(shards)
+    loader = build_loader(DataConfig(format="mds", path=str(shards), batch_size=16), 0, 1)
+    batch = next(iter(loader))
+    assert tuple(batch["x"].shape) == (16, 1, 8, 8) and batch["y"].max() <= 9
+    assert float(batch["x"].min()) >= -1.0 and float(batch["x"].max()) <= 1.0
+    if hasattr(loader, "close"):
+        loader.close()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stage_configs_load_and_follow_the_recipes(name):
+    """The YAML files are real configs (`launch.train` accepts them); students inherit and distil."""
+    from trainer.config import load_config
+    from trainer.quickstart import CONFIG_DIR
+
+    overrides = [] if name == "teacher" else [f"teacher.path={CONFIG_DIR / 'teacher.yaml'}"]  # any existing path
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", overrides, world_size=1)
+    if name == "teacher":
+        assert cfg.teacher is None and cfg.student.init == "random"
+        return
+    assert cfg.student.init == "inherit"
+    assert cfg.distill.lambda_noise > 0 and cfg.distill.lambda_var > 0
+    if name.startswith("dy"):
+        assert cfg.dynamic.flops_target <= 0.8

@@ -1,0 +1,89 @@
+"""The quickstart's report: one row per model (quality, compute, speed), the bars, report.json/.md."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+MODELS = ("teacher", "lit", "dydit", "dylit")
+STUDENTS = MODELS[1:]
+
+
+def bars(evals: dict[str, dict]) -> dict:
+    """The issue's bars: teacher sample accuracy ≥ 0.80, each student ≥ 0.9 × the teacher's."""
+    t = evals["teacher"]["accuracy"]
+    out = {"teacher_accuracy_ge_0.80": t >= 0.80}
+    for s in STUDENTS:
+        out[f"{s}_accuracy_ge_0.9x_teacher"] = evals[s]["accuracy"] >= 0.9 * t
+    return out
+
+
+def build_report(opts, stages: dict, evals: dict, timing: dict, classifier_info: dict, floor: float,
+                 wall_s: float) -> dict:
+    teacher_gflops = evals["teacher"]["gflops"]
+    rows = []
+    for name in MODELS:
+        e, s = evals[name], stages[name]
+        rows.append({
+            "model": name, "arch": s["model"], "params_m": e["params_m"], "train_steps": s["steps"],
+            "train_s": s["train_s"], "accuracy": e["accuracy"],
+            "accuracy_vs_teacher": e["accuracy"] / max(evals["teacher"]["accuracy"], 1e-9), "fd": e["fd"],
+            "gflops": e["gflops"], "gflops_static": e["gflops_static"], "gflops_vs_teacher": e["gflops"] / teacher_gflops,
+            "flops_ratio": e.get("flops_ratio"), "flops_target": s.get("flops_target"),
+            "sample_time_s": timing["median_s"][name], "sample_time_vs_teacher": timing["relative"][name],
+        })
+    return {
+        "out": str(opts.out), "quick": opts.quick, "data": opts.data, "wall_s": wall_s,
+        "eval": {**asdict(opts.eval), "note": "samples per model, class i % 10; EMA weights; guidance on the ε channels"},
+        "classifier": classifier_info, "real_fd_floor": floor, "rows": rows,
+        "timing": {k: timing[k] for k in ("batch", "steps", "method", "cfg_scale", "threads", "repeats", "median_s")},
+        "stages": {n: {k: v for k, v in s.items() if k != "key"} for n, s in stages.items()},
+        "bars": bars(evals),
+    }
+
+
+def table(report: dict) -> str:
+    ev = report["eval"]
+    lines = [
+        f"| model | arch | params (M) | GFLOPs/fwd | vs teacher | FLOPs ratio (λ) | accuracy | vs teacher | FD | "
+        f"sample time (s) | vs teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lam = "—" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f} ({r['flops_target']})"
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r['params_m']:.2f} | {r['gflops']:.4f} | {r['gflops_vs_teacher']:.2f}x | "
+            f"{lam} | {r['accuracy']:.3f} | {r['accuracy_vs_teacher']:.2f} | {r['fd']:.2f} | "
+            f"{r['sample_time_s']:.2f} | {r['sample_time_vs_teacher']:.2f}x |"
+        )
+    c = report["classifier"]
+    lines.append(
+        f"| real digits | — | — | — | — | — | {c['held_out_accuracy']:.3f} (held out) | — | "
+        f"{report['real_fd_floor']:.2f} (floor) | — | — |"
+    )
+    t = report["timing"]
+    notes = [
+        f"Samples: {ev['samples']} per model ({ev['method']}, {ev['steps']} steps, guidance {ev['cfg_scale']}, seed "
+        f"{ev['seed']}), EMA weights, dynamic students on their sliced path. Accuracy: the digit classifier's "
+        f"agreement with the requested class. FD: Fréchet distance to all 1,797 real digits in the classifier's "
+        f"128-d feature space; the floor is {ev['samples']} resampled real digits.",
+        "GFLOPs: multiply-adds per forward per sample (DiT convention); static for static models, realised "
+        "(units the routers switched on while sampling) for dynamic ones. FLOPs ratio: DyDiT's attention+MLP "
+        "ratio as realised while sampling (target λ in brackets).",
+        f"Sample time: median of {len(next(iter(t['repeats'].values())))} timed runs of {t['batch']} samples "
+        f"({t['method']} {t['steps']} steps, guidance batch x2) after a warm-up, {t['threads']} CPU thread(s).",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    md = [f"# Quickstart report ({'quick smoke run' if report['quick'] else 'full run'})", "", table(report), "",
+          "## Bars", ""]
+    md += [f"- {k}: {'PASS' if v else 'FAIL'}" for k, v in report["bars"].items()]
+    md += ["", "## Training", "", "| stage | steps | processes | train time (s) | this run |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {s['steps']} | {s.get('nproc', '—')} | {s['train_s']:.0f} | {'reused' if s['reused'] else 'trained'} |"
+           for n, s in report["stages"].items()]
+    md += ["", f"This run took {report['wall_s']:.0f}s (finished stages are reused on the next run)."]
+    md += ["", "## Samples", ""] + [f"![{r['model']}](samples_{r['model']}.png)" for r in report["rows"]]
+    (out / "report.md").write_text("\n".join(md) + "\n")
