@@ -77,10 +77,14 @@ def take(loader, n: int) -> list[dict[str, Any]]:
     return [{k: v.clone() if torch.is_tensor(v) else list(v) for k, v in next(loader).items()} for _ in range(n)]
 
 
-def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
-        for x, y in zip(a, b))
+def assert_same_batches(got: list[dict[str, Any]], ref: list[dict[str, Any]]) -> None:
+    """Batch for batch, field for field, bit-identical (a message names the first difference)."""
+    assert len(got) == len(ref), f"{len(got)} batches, expected {len(ref)}"
+    for i, (x, y) in enumerate(zip(got, ref)):
+        assert x.keys() == y.keys(), f"batch {i}: fields {sorted(x)} vs {sorted(y)}"
+        for k in x:
+            same = torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]
+            assert same, f"batch {i}, field {k!r} differs"
 
 
 def tiny_encoders(root: str) -> tuple[str, str]:

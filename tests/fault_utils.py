@@ -2,24 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.trainer_utils import REPO, free_port, metrics
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-           "PYTHONUNBUFFERED": "1", **extra}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DITILL_DEBUG_FAULTS"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
+from tests.trainer_utils import REPO, base_env, free_port, metrics
 
 
 def train_cmd(config: Path, overrides: list[str]) -> list[str]:

@@ -33,3 +33,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
                 continue
             p.add_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def assert_state_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float, atol: float, what: str = "") -> None:
+    """Same keys, and every tensor close to its reference (a message names the first that is not)."""
+    assert got.keys() == ref.keys(), f"{what}: keys differ: {sorted(got.keys() ^ ref.keys())[:10]}"
+    for k in got:
+        torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{what} {k}: {m}")

@@ -9,7 +9,7 @@ from data import DataConfig, build_loader, digits_arrays
 from data.buckets import bucket_table, nearest_bucket
 from data.sources import pairs_source
 from data.writers import write_dataset
-from tests.data_helpers import png, same_batches, take, write_digits
+from tests.data_helpers import assert_same_batches, png, take, write_digits
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_order_is_seeded_and_independent_of_workers(shards):
     a = take(build_loader(cfg_for("wds", shards, batch_size=64, seed=3), 0, 1), 4)
     b = take(build_loader(cfg_for("wds", shards, batch_size=64, seed=3, num_workers=2), 0, 1), 4)
     c = take(build_loader(cfg_for("wds", shards, batch_size=64, seed=4), 0, 1), 4)
-    assert same_batches(a, b)
+    assert_same_batches(a, b)
     assert a[0]["key"] != c[0]["key"]
     in_order = next(build_loader(cfg_for("mds", shards, batch_size=64, shuffle=False), 0, 1))["key"]
     assert in_order == [f"{i:05d}" for i in np.random.default_rng(0).permutation(1797)[:64]]  # as the writer wrote them
@@ -79,11 +79,11 @@ def test_resume_mid_epoch_gives_the_uninterrupted_batches(shards, fmt, workers):
     rest = take(loader, 11)
     resumed = build_loader(cfg, 0, 1)
     resumed.load_state_dict(state)
-    assert same_batches(take(resumed, 11), rest)
+    assert_same_batches(take(resumed, 11), rest)
     assert resumed.stats()["data/batches"] == 20 and len(first) == 9
     other = build_loader(cfg_for(fmt, shards, batch_size=128, num_workers=2 - workers, seed=7), 0, 1)
     other.load_state_dict(state)  # another number of workers resumes the same stream
-    assert same_batches(take(other, 3), rest[:3])
+    assert_same_batches(take(other, 3), rest[:3])
 
 
 def test_ranks_take_disjoint_slices(shards):

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from tests.fault_utils import base_env, finish, losses_by_step, start, tail, torchrun_cmd, train_cmd
-from tests.trainer_utils import REPO, TINY_ARGS, free_port, write_config
+from tests.fault_utils import finish, losses_by_step, start, tail, torchrun_cmd, train_cmd
+from tests.helpers import assert_state_close
+from tests.trainer_utils import REPO, TINY_ARGS, base_env, free_port, write_config
 
 pytest.importorskip("deepspeed")
 MULTI_RANK_RTOL = 1e-5
@@ -66,11 +67,9 @@ def test_zero_with_a_teacher_resumes_and_exports(setup, tmp_path, stage, launche
     assert setup["teacher"].read_bytes() == setup["teacher_bytes"]  # frozen, never written
     mine, theirs = export_run(run, tmp_path / "exp"), export_run(setup["ref"], tmp_path / "exp_ref")
     for name in ("student", "ema"):
-        a, b = load_file(mine[name]), load_file(theirs[name])
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
-    assert any(not torch.equal(load_file(mine["ema"])[k], load_file(mine["student"])[k]) for k in a)  # a real EMA
+        assert_state_close(load_file(mine[name]), load_file(theirs[name]), rtol=1e-4, atol=1e-6, what=name)
+    ema, student = load_file(mine["ema"]), load_file(mine["student"])
+    assert any(not torch.equal(ema[k], student[k]) for k in ema)  # a real EMA
 
 
 def test_export_cli_reports_a_missing_step(setup, tmp_path):

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.fault_utils import (
-    base_env, finish, kill9, last_step, losses_by_step, start, start_ranks, started_at, tail, torchrun_cmd, train_cmd,
+    finish, kill9, last_step, losses_by_step, start, start_ranks, started_at, tail, torchrun_cmd, train_cmd,
     wait_until,
 )
-from tests.trainer_utils import REPO, free_port, write_config
+from tests.helpers import assert_state_close
+from tests.trainer_utils import REPO, base_env, free_port, write_config
 
 STEPS = 12
 RESHARD_RTOL = 1e-4  # another world size reduces in another order: ~1e-5 per few steps, compounding
@@ -129,10 +129,7 @@ def test_reshard_between_world_sizes(refs, tmp_path, direction):
     from safetensors.torch import load_file
 
     for name in ("student", "ema"):
-        a, b = load_file(mine[name]), load_file(ref[name])
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=f"{name} {k}")
+        assert_state_close(load_file(mine[name]), load_file(ref[name]), rtol=1e-3, atol=1e-5, what=name)
 
 
 def test_a_rank_that_hangs_makes_every_rank_dump_its_stack(refs, tmp_path):

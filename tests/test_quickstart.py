@@ -1,28 +1,20 @@
 """`python -m launch.quickstart --quick`: the README's first command, as a smoke run of every stage
 (tiny models, a few steps, a few samples), then again into the same directory to check reuse."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.trainer_utils import REPO
+from tests.trainer_utils import REPO, assert_ok, base_env
 
 MODELS = ("teacher", "lit", "dydit", "dylit")
 
 
 def quickstart(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     cmd = [sys.executable, "-m", "launch.quickstart", "--quick", "--out", str(out), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _mtimes(out: Path) -> dict[str, float]:
@@ -32,7 +24,7 @@ def _mtimes(out: Path) -> dict[str, float]:
 def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "qs"
     first = quickstart(out)
-    _ok(first)
+    assert_ok(first)
     report = json.loads((out / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == list(MODELS)
     for r in report["rows"]:
@@ -54,7 +46,7 @@ def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path
 
     before = _mtimes(out)
     second = quickstart(out)
-    _ok(second)
+    assert_ok(second)
     assert "training" not in second.stdout, second.stdout
     for stage in (*MODELS, "classifier", "timing"):
         assert f"[quickstart] {stage}: reusing" in second.stdout, stage
@@ -69,7 +61,7 @@ def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path
     stamp = json.loads((out / "teacher" / "stage.json").read_text())
     (out / "teacher" / "stage.json").write_text(json.dumps({"key": stamp["key"], "status": "training"}))
     third = quickstart(out)
-    _ok(third)
+    assert_ok(third)
     assert (out / "teacher" / "metrics.jsonl").read_text() == metrics
     assert "[quickstart] lit: reusing" in third.stdout  # same teacher bytes: the students stay valid
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731

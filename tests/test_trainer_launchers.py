@@ -1,11 +1,10 @@
 """The same `launch.train` command under SLURM's srun: rank, world and rendezvous from SLURM_* only."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.trainer_utils import REPO, free_port, losses, run_train, write_config
+from tests.trainer_utils import REPO, assert_ok, base_env, free_port, losses, run_train, write_config
 from trainer.distributed import _first_slurm_host
 
 
@@ -20,11 +19,9 @@ def test_first_host_of_a_slurm_nodelist(nodelist, first):
 def test_srun_style_environment_matches_single_process(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", model="lit-s/2", train={"steps": 3})
     single = run_train(cfg, [f"run_dir={tmp_path / 'single'}"])
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert_ok(single)
     port = next(p for p in (free_port() for _ in range(200)) if 20000 <= p < 40000)  # SLURM rule: 20000 + id % 20000
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1",
-               SLURM_JOB_ID=str(port - 20000))
+    env = base_env(SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=str(port - 20000))
     procs = [
         subprocess.Popen([sys.executable, "-m", "launch.train", str(cfg), f"run_dir={tmp_path / 'srun'}", "engine.kind=ddp"],
                          cwd=REPO, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},

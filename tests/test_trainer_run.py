@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.trainer_utils import losses, metrics, run_train, write_config
+from tests.trainer_utils import assert_ok, losses, metrics, run_train, write_config
 
 # The 2-rank runs reduce gradients in a different order than the single process (a sum of two
 # half-batch means instead of one mean), so the parameters differ in the last bits after step 1 and
@@ -13,18 +13,14 @@ from tests.trainer_utils import losses, metrics, run_train, write_config
 MULTI_RANK_RTOL = 1e-5
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_two_ranks_ddp_and_fsdp_match_single_process(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", model="lit-s/2")
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'single'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'single'}"]))
     ref = losses(tmp_path / "single")
     assert len(ref) == 6
     for engine in ("ddp", "fsdp"):
         run_dir = tmp_path / engine
-        _ok(run_train(cfg, [f"run_dir={run_dir}", f"engine.kind={engine}"], nproc=2))
+        assert_ok(run_train(cfg, [f"run_dir={run_dir}", f"engine.kind={engine}"], nproc=2))
         got = losses(run_dir)
         assert got == pytest.approx(ref, rel=MULTI_RANK_RTOL), engine
 
@@ -38,9 +34,9 @@ def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
         train={"steps": 8}, checkpoint={"every": 3, "async_save": True},
         dynamic={"flops_target": 0.5, "warmup_steps": 4, "hold_steps": 0},
     )
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'full'}"]))
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'cut'}", "train.steps=3"]))
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'cut'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'full'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'cut'}", "train.steps=3"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'cut'}"]))
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert [m["step"] for m in metrics(tmp_path / "cut")] == list(range(1, 9))  # each step logged once
     assert cut == full  # exact: RNG states, data position, optimizer and EMA all restored
@@ -48,7 +44,7 @@ def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
 
 def test_asking_for_a_missing_step_is_an_error_not_a_fresh_start(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", train={"steps": 2}, checkpoint={"every": 2})
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}"]))
     proc = run_train(cfg, [f"run_dir={tmp_path / 'r'}", "checkpoint.resume=7"])
     assert proc.returncode != 0
     assert "checkpoint.resume=7 cannot be used" in proc.stderr and "[2]" in proc.stderr
@@ -57,9 +53,9 @@ def test_asking_for_a_missing_step_is_an_error_not_a_fresh_start(tmp_path):
 def test_activation_checkpointing_gives_identical_losses(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", model="dydit-s/2", args={"num_heads": 4, "mlp_groups": 4},
                        train={"steps": 3}, dynamic={"hold_steps": 0, "warmup_steps": 2})
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'none'}"]))
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'full'}", "engine.activation_checkpointing=full"]))
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'k'}", "engine.activation_checkpointing=every-k", "engine.ac_every=2"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'none'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'full'}", "engine.activation_checkpointing=full"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'k'}", "engine.activation_checkpointing=every-k", "engine.ac_every=2"]))
     assert losses(tmp_path / "full") == losses(tmp_path / "none") == losses(tmp_path / "k")
 
 
@@ -70,7 +66,7 @@ def test_run_directory_tensorboard_and_metrics(tmp_path):
                        train={"steps": 4, "log_every": 2}, sample={"every": 4, "num": 8, "steps": 4},
                        checkpoint={"every": 2})
     run = tmp_path / "r"
-    _ok(run_train(cfg, [f"run_dir={run}"]))
+    assert_ok(run_train(cfg, [f"run_dir={run}"]))
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "latest").read_text() == "step_00000004"
     rec = metrics(run)
     assert [m["step"] for m in rec] == [2, 4]
@@ -104,7 +100,7 @@ def test_distillation_from_a_teacher_file_lowers_the_kd_loss(tmp_path):
         optim={"lr": 2e-3}, distill={"lambda_noise": 1.0, "lambda_var": 0.05, "diffusion_weight": 0.0},
         sample={"every": 40, "num": 4, "steps": 2},
     )
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}"]))
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}"]))
     grid = tmp_path / "r" / "samples" / "samples_ema_vs_teacher_00000040.png"
     from PIL import Image
 
@@ -121,7 +117,7 @@ def test_export_consolidates_student_and_ema(tmp_path):
 
     cfg = write_config(tmp_path / "c.yaml", model="lit-s/2", train={"steps": 3}, checkpoint={"every": 3},
                        optim={"lr": 1e-2})
-    _ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}", "engine.kind=fsdp"], nproc=2))  # sharded on disk
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}", "engine.kind=fsdp"], nproc=2))  # sharded on disk
     paths = export_run(tmp_path / "r", tmp_path / "out")
     student, ema = load_pretrained(paths["student"]), load_pretrained(paths["ema"])
     assert student.config.attention == "linear" and student.config.num_heads == 2

@@ -38,6 +38,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def base_env(**extra: str) -> dict[str, str]:
+    """A child job's environment: one OpenMP thread per process, the repo importable, and none of the
+    launcher or fault-injection variables the test runner may carry (unless passed in `extra`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+           "PYTHONUNBUFFERED": "1", **extra}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DITILL_DEBUG_FAULTS"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    """A finished job exited 0; otherwise fail with the tail of what it printed."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{(proc.stdout or '')[-3000:]}\n{(proc.stderr or '')[-3000:]}"
+
+
 def run_train(config: Path, overrides: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m launch.train` (nproc=1) or `torchrun --nproc_per_node nproc -m launch.train`."""
     if nproc == 1:
@@ -45,10 +61,7 @@ def run_train(config: Path, overrides: list[str], nproc: int = 1, timeout: int =
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "-m", "launch.train", str(config), *overrides]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(var, None)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=base_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
