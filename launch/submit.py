@@ -142,19 +142,20 @@ def load_profile(name: str) -> dict[str, Any]:
 
 
 def parse_minutes(text: str | int | float) -> float:
-    """`90s`, `45m`, `2h`, `HH:MM:SS`, `D-HH:MM:SS`, or a plain number of minutes."""
+    """`90s`, `45m`, `2h`, or SLURM's own forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     s = str(text).strip()
     if m := re.fullmatch(r"([\d.]+)\s*([smh])", s):
         return float(m.group(1)) * {"s": 1 / 60, "m": 1, "h": 60}[m.group(2)]
-    if m := re.fullmatch(r"(?:(\d+)-)?(\d+):(\d+)(?::(\d+))?", s):
+    if m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", s):  # with days, hours come first
         d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
-        if m.group(4) is None:  # D-HH:MM or HH:MM → hours:minutes
-            return d * 1440 + h * 60 + mi
         return d * 1440 + h * 60 + mi + sec / 60
+    if m := re.fullmatch(r"(?:(\d+):)?(\d+):(\d+)", s):  # without days, two fields are MM:SS
+        h, mi, sec = (int(g) if g else 0 for g in m.groups())
+        return h * 60 + mi + sec / 60
     try:
         return float(s)
     except ValueError:
-        raise SystemExit(f"error: --time {text!r}: use 90s, 45m, 2h, HH:MM:SS, D-HH:MM:SS or minutes") from None
+        raise SystemExit(f"error: --time {text!r}: use 90s, 45m, 2h, MM:SS, HH:MM:SS, D-HH[:MM[:SS]] or minutes") from None
 
 
 def slurm_parameters(profile: dict[str, Any], nodes: int, gpus: int, name: str) -> dict[str, Any]:

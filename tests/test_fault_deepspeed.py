@@ -76,3 +76,21 @@ def test_export_cli_reports_a_missing_step(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.export", str(setup["ref"]), "--step", "3"], cwd=REPO,
                           env=base_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "step_00000003" in proc.stderr and "step_00000004" in proc.stderr
+
+
+def test_export_names_tensors_a_deepspeed_checkpoint_lacks(tmp_path, monkeypatch):
+    """Only buffers come from the model template: a parameter missing from the ZeRO files is an error,
+    never a random-initialised tensor written into the export."""
+    import deepspeed.utils.zero_to_fp32 as z2f
+
+    from models import build_model
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import _deepspeed_tensors
+
+    template = build_model("lit-s/2", **TINY_ARGS)
+    params = {k: v.clone() for k, v in template.named_parameters()}
+    dropped = "blocks.1.mlp.fc2.weight"
+    monkeypatch.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint",
+                        lambda *a, **k: {n: v for n, v in params.items() if n != dropped})
+    with pytest.raises(CheckpointError, match=rf"lacks student tensors \['{dropped}'\]"):
+        _deepspeed_tensors(tmp_path, template)

@@ -28,6 +28,6 @@ def test_a_config_that_does_not_fit_the_world_size_fails_before_submission(tmp_p
 
 
 @pytest.mark.parametrize("text,minutes", [("90s", 1.5), ("45m", 45), ("2h", 120), ("01:30:00", 90), ("2-00:00:00", 2880),
-                                          ("10", 10), ("1-12:00", 2160)])
+                                          ("10", 10), ("1-12:00", 2160), ("30:00", 30), ("2-12", 3600)])
 def test_time_formats(text, minutes):
     assert submit.parse_minutes(text) == pytest.approx(minutes)

@@ -80,9 +80,10 @@ def _deepspeed_tensors(ckpt: Path, template) -> dict[str, dict]:
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    full = template.state_dict()  # buffers (pos_embed) come from the constructor
-    student = {**full, **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)}
-    ema = {**full, **consolidate_ema(sorted((ckpt / EMA_DIR).glob("rank*.safetensors")))}
+    full = template.state_dict()
+    buffers = {k: full[k] for k, _ in template.named_buffers() if k in full}  # pos_embed: from the constructor
+    student = {**buffers, **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)}
+    ema = {**buffers, **consolidate_ema(sorted((ckpt / EMA_DIR).glob("rank*.safetensors")))}
     for name, sd in (("student", student), ("ema", ema)):
         missing = set(full) - set(sd)
         if missing:
