@@ -3,6 +3,7 @@ corrupt or incomplete checkpoints detected and skipped with a warning, explicit 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def test_async_saves_are_complete_verified_and_retained(tmp_path, env):
     assert all(e["size"] > 0 and len(e["sha256"]) == 64 for e in m["files"].values())
     path, model, _ = _resume(tmp_path, env)
     assert path.name == step_dir_name(9) and float(model.t["b"][0]) == 9.0
+
+
+def test_an_async_save_returns_before_it_commits_and_keeps_the_values_it_was_given(tmp_path, env):
+    gate = threading.Event()
+    ckpt = Checkpointer(tmp_path, env, before_commit=lambda: gate.wait(30))
+    model = Model()
+    model.set(2)
+    ckpt.save(2, model.state(), {"train": {"step": 2}})
+    assert ckpt.in_flight() and not (tmp_path / "checkpoints" / step_dir_name(2)).exists()
+    model.set(3)  # the loop trains on while the save is written in the background
+    gate.set()
+    ckpt.wait()
+    path, restored, _ = _resume(tmp_path, env)
+    assert path.name == step_dir_name(2) and float(restored.t["w"][0, 0]) == 2.0
 
 
 def _truncate_shard(p: Path) -> None:

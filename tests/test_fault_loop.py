@@ -38,12 +38,14 @@ def test_nan_batches_skip_the_update_are_counted_and_k_in_a_row_stop_naming_the_
     rec = {m["step"]: m for m in metrics(run)}
     assert rec[3]["skipped"] == 1.0 and rec[4]["skipped"] == 0.0 and rec[3]["train/skipped_steps"] == 1.0
     assert rec[7]["train/skipped_steps"] == 3.0
-    weights = {s: load_file(export_run(run, tmp_path / f"e{s}", step=s)["student"]) for s in (2, 3, 4, 5, 7)}
+    exported = {s: export_run(run, tmp_path / f"e{s}", step=s) for s in (2, 3, 4, 5, 7)}
     key = "blocks.0.mlp.fc1.weight"
-    assert torch.equal(weights[2][key], weights[3][key])  # step 3's update was skipped
-    assert not torch.equal(weights[3][key], weights[4][key])  # step 4 trained again
-    assert torch.equal(weights[5][key], weights[7][key])  # and 6, 7 were skipped (8 stopped the run)
-    assert all(torch.isfinite(w[key]).all() for w in weights.values())
+    for kind in ("student", "ema"):  # a skipped step moves neither the weights nor their EMA
+        weights = {s: load_file(paths[kind]) for s, paths in exported.items()}
+        assert torch.equal(weights[2][key], weights[3][key]), kind  # step 3's update was skipped
+        assert not torch.equal(weights[3][key], weights[4][key]), kind  # step 4 trained again
+        assert torch.equal(weights[5][key], weights[7][key]), kind  # and 6, 7 were skipped (8 stopped the run)
+        assert all(torch.isfinite(w[key]).all() for w in weights.values()), kind
 
 
 def test_resuming_with_another_teacher_is_an_error_unless_allowed(tmp_path):

@@ -31,3 +31,18 @@ def test_a_config_that_does_not_fit_the_world_size_fails_before_submission(tmp_p
                                           ("10", 10), ("1-12:00", 2160), ("30:00", 30), ("2-12", 3600)])
 def test_time_formats(text, minutes):
     assert submit.parse_minutes(text) == pytest.approx(minutes)
+
+
+def test_requeues_stop_at_max_requeues(tmp_path):
+    """Each preemption records a requeue before submitit asks for the resubmission: the Kth is
+    resubmitted, the (K+1)th is refused and recorded, so a crash-looping job cannot requeue forever."""
+    import submitit
+
+    job = submit.TrainJob("c.yaml", [], str(tmp_path), "cmd", max_requeues=2, signals=["SIGTERM"])
+    for n in (1, 2):
+        submit.record(str(tmp_path), "requeue", job_id=str(n), step=n)
+        again = job.checkpoint()
+        assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is job
+    submit.record(str(tmp_path), "requeue", job_id="3", step=3)
+    assert job.checkpoint() is None
+    assert submit.read_jobs(str(tmp_path))[-1]["event"] == "requeue-refused"

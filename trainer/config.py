@@ -226,9 +226,9 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail("teacher.shard", True, "FSDP-only; under DeepSpeed the frozen teacher is replicated outside the ZeRO engine")
     if cfg.engine.collective_timeout_s <= 0:
         raise _fail("engine.collective_timeout_s", cfg.engine.collective_timeout_s, "a positive number of seconds")
-    for key in ("checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every", "train.max_nonfinite"):
-        if _get(cfg, key) < (1 if key in ("checkpoint.every", "train.max_nonfinite") else 0):
-            raise _fail(key, _get(cfg, key), ">= 1" if key in ("checkpoint.every", "train.max_nonfinite") else ">= 0")
+    for key, lowest in (("checkpoint.every", 1), ("train.max_nonfinite", 1), ("checkpoint.keep_last", 0), ("checkpoint.keep_every", 0)):
+        if _get(cfg, key) < lowest:
+            raise _fail(key, _get(cfg, key), f">= {lowest}")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not str(resume).isdigit():
         raise _fail("checkpoint.resume", resume, "auto | never | a step number")

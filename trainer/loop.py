@@ -214,14 +214,18 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_i
     return int(state["step"])
 
 
-def _save(ckpt: Checkpointer, *, engine_app, state, loader, step_fn, step: int, blocking: bool) -> None:
-    extra = {
+def checkpoint_extras(state, loader, step_fn) -> dict:
+    """What a checkpoint holds beside the engine's tensors: loop counters, every RNG stream, data position."""
+    return {
         "train": dict(state),
         "rng": rng_state(),
         "shared_rng": step_fn.shared.get_state().tolist(),
         "loader": loader.state_dict(),
     }
-    ckpt.save(step, engine_app, extra, blocking=blocking)
+
+
+def _save(ckpt: Checkpointer, *, engine_app, state, loader, step_fn, step: int, blocking: bool) -> None:
+    ckpt.save(step, engine_app, checkpoint_extras(state, loader, step_fn), blocking=blocking)
 
 
 def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_time: float, loader, state) -> dict[str, float]:

@@ -45,8 +45,8 @@ def build_report(opts, stages: dict, evals: dict, timing: dict, classifier_info:
 def table(report: dict) -> str:
     ev = report["eval"]
     lines = [
-        f"| model | arch | params (M) | GFLOPs/fwd | vs teacher | FLOPs ratio (λ) | accuracy | vs teacher | FD | "
-        f"sample time (s) | vs teacher |",
+        "| model | arch | params (M) | GFLOPs/fwd | vs teacher | FLOPs ratio (λ) | accuracy | vs teacher | FD | "
+        "sample time (s) | vs teacher |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:

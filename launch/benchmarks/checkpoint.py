@@ -112,13 +112,14 @@ class Trainer:
         return time.perf_counter() - t0
 
     def extra(self) -> dict[str, Any]:
-        from trainer.checkpoint import rng_state
+        from trainer.loop import checkpoint_extras
 
-        return {"train": {"step": self.step}, "rng": rng_state(), "shared_rng": self.step_fn.shared.get_state().tolist(),
-                "loader": self.loader.state_dict()}
+        return checkpoint_extras({"step": self.step}, self.loader, self.step_fn)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from trainer.checkpoint import step_dir_name
+
     base = Path(args.dir) if args.dir else None
     work = Path(tempfile.mkdtemp(prefix="ditill-ckpt-bench-", dir=base))
     try:
@@ -133,9 +134,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             tr.train_step()
             sync.save(tr.step, tr.engine.checkpoint_state(), tr.extra())
             blocked_sync.append(sync.last_blocking_s)
-            sizes.append(_dir_bytes(sync.root / f"step_{tr.step:08d}"))
+            sizes.append(_dir_bytes(sync.root / step_dir_name(tr.step)))
         nbytes = sizes[-1]
-        path = sync.root / f"step_{tr.step:08d}"
+        path = sync.root / step_dir_name(tr.step)
         t0 = time.perf_counter()
         sync.load(path, tr.engine.checkpoint_state())
         load_s = time.perf_counter() - t0

@@ -37,7 +37,6 @@ from torch import nn
 
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig
-from trainer.distributed import DistEnv
 from trainer.engines.base import Engine, compute_dtype, freeze, teacher_dtype
 from trainer.ema import EMA
 from trainer.optim import build_optimizer, build_scheduler, param_groups
