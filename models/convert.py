@@ -11,6 +11,7 @@ stores under "args" in its training checkpoints (a plain attribute bag).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -134,6 +135,24 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], cfg: DiTConfig, pat
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg.to_dict())})
     os.replace(tmp, out)
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order.
+
+    Not the file's own hash: safetensors writes its metadata map in a per-process random order, so
+    exporting the same checkpoint twice gives different bytes for the same weights.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key).contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- reading --------------------------------------------------------------------------------------

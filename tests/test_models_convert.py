@@ -186,3 +186,25 @@ def test_loaded_model_is_fp32_trainable_and_materialised(tmp_path):
     assert all(p.requires_grad for p in loaded.parameters())
     model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     assert same_function(loaded, model)
+
+
+def test_weights_digest_and_teacher_identity_ignore_safetensors_metadata_order(tmp_path):
+    """safetensors writes its metadata map in random order, so one model saved twice can differ in its
+    bytes; the digest (and so the teacher identity checked on resume) must not, and must see any
+    change to a tensor."""
+    from models.convert import save_safetensors, weights_digest
+    from trainer.build import teacher_identity
+
+    model = tiny_teacher()
+    paths, identities = [], set()
+    for i in range(16):
+        paths.append(tmp_path / f"t{i}.safetensors")
+        save_safetensors(model.state_dict(), model.config, paths[-1])
+        save_safetensors(model.state_dict(), model.config, tmp_path / "teacher.safetensors")  # re-exported in place
+        identities.add(teacher_identity(str(tmp_path / "teacher.safetensors"), model.config)["sha256"])
+    assert len({weights_digest(p) for p in paths}) == 1
+    assert len(identities) == 1
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] += 1e-3
+    save_safetensors(model.state_dict(), model.config, tmp_path / "changed.safetensors")
+    assert weights_digest(tmp_path / "changed.safetensors") != weights_digest(paths[0])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from models import DiT, DiTConfig, build_model, model_config
+from models.convert import weights_digest
 from models.diffusion import build_objective as _build_objective
 from models.inherit import InheritReport, default_exclude, inherit_weights
 from trainer.config import ConfigError, RunConfig
@@ -45,12 +46,18 @@ def check_pair(student: DiTConfig, teacher: DiTConfig) -> None:
 
 
 def teacher_identity(path: str, teacher_cfg: DiTConfig) -> dict[str, Any]:
-    """Path, content hash and architecture of the teacher, stored in every checkpoint manifest."""
+    """Path, content hash and architecture of the teacher, stored in every checkpoint manifest.
+
+    safetensors files are hashed by their tensors and metadata (`weights_digest`), not their bytes:
+    the same weights exported twice are the same teacher."""
     p = Path(path).resolve()
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
+        if f.suffix == ".safetensors":
+            h.update(weights_digest(f).encode())
+            continue
         with open(f, "rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 import configs
+from models.convert import weights_digest
 from trainer.config import RunConfig, load_config
 from trainer.quickstart_report import MODELS, STUDENTS, build_report, write_report
 
@@ -93,24 +94,6 @@ class Options:
 def _log(msg: str) -> None:
     sys.stdout.write(f"[quickstart] {msg}\n")  # one write: lines from the evaluation threads never interleave
     sys.stdout.flush()
-
-
-def weights_digest(path: Path) -> str:
-    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order.
-
-    Not the file's own hash: safetensors writes its metadata map in a per-process random order, so
-    exporting the same checkpoint twice gives different bytes for the same weights.
-    """
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as f:
-        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
-        for key in sorted(f.keys()):
-            t = f.get_tensor(key).contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
