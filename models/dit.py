@@ -10,7 +10,7 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import DiTConfig
-from models.dynamic import Router, TokenSelect, UnitSelection, WidthPlan
+from models.dynamic import Router, SlicedWeights, TokenSelect, UnitSelection, WidthPlan, weights_version
 from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
@@ -37,6 +37,8 @@ class DiTBlock(nn.Module):
             self.mlp_rate = Router(d, cfg.groups, cfg.router_tau, cfg.router_threshold)
             if self.token_routing:
                 self.token_selection = TokenSelect(d, cfg.token_router_reduction, cfg.router_tau, cfg.router_threshold)
+            self._plans: dict[tuple, WidthPlan] = {}  # inference width plans per timestep (cached_width_plan)
+            self._plan_version: tuple | None = None
 
     def forward(
         self,
@@ -45,12 +47,12 @@ class DiTBlock(nn.Module):
         t_emb: torch.Tensor,
         grid_hw: tuple[int, int],
         mode: str,
-        plan: WidthPlan | None = None,
+        plan_key: tuple | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """mode: "static" (every unit), "masked" (train path) or "sliced" (inference path).
 
-        `plan` is this block's width decision for `t_emb` when the caller already has it (cached
-        per timestep at inference); otherwise the routers run here.
+        `plan_key` names the shared timestep of a sliced, no-grad forward (see `DiT.plan_key`): the
+        width plan is then looked up per timestep instead of running the routers.
         """
         ops = get_ops(self.kernels, x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -59,7 +61,9 @@ class DiTBlock(nn.Module):
             y = self.mlp(ops.modulate_layernorm(x, shift_mlp, scale_mlp, LN_EPS))
             return ops.gated_residual(x, gate_mlp, y), None
 
-        if plan is None:
+        if plan_key is not None:
+            plan = self.cached_width_plan(t_emb, plan_key)
+        else:
             plan = self.width_plan(t_emb, sliced=mode == "sliced")
         h = ops.modulate_layernorm(x, shift_msa, scale_msa, LN_EPS)
         if mode == "masked":
@@ -80,6 +84,31 @@ class DiTBlock(nn.Module):
     def width_plan(self, t_emb: torch.Tensor, sliced: bool) -> WidthPlan:
         """The head and channel-group routers' decision for timestep embeddings `t_emb` (B, D)."""
         return WidthPlan.build(self.attn_rate(t_emb), self.mlp_rate(t_emb), sliced)
+
+    PLAN_CACHE_SIZE = 1024  # distinct sampling timesteps; a plan is a few (1, H) tensors
+
+    def cached_width_plan(self, t_emb: torch.Tensor, key: tuple) -> WidthPlan:
+        """`width_plan` for a batch sharing one timestep, computed once per `key` and reused.
+
+        The head and channel masks are a function of t alone (METHODS §1.1), so inference runs the
+        routers once per sampling timestep (one mask row kept) and then does no router, mask → index
+        work or host syncs at that t. Built here, inside the block, where FSDP has its weights
+        gathered; dropped whenever a router weight changes (`key` carries the timestep embedder's).
+        """
+        version = weights_version([*self.attn_rate.parameters(), *self.mlp_rate.parameters()])
+        if version is None:
+            return self.width_plan(t_emb, sliced=True)
+        if version != self._plan_version:
+            self._plans, self._plan_version = {}, version
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
+            p = self.width_plan(t_emb, sliced=True)
+            plan = self._plans[key] = WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups)
+        b = t_emb.shape[0]
+        return WidthPlan(plan.head_mask.expand(b, -1), plan.group_mask.expand(b, -1), plan.heads, plan.groups)
 
     def _sliced_mlp(self, x, h, gate, groups: UnitSelection, token_mask: torch.Tensor, ops) -> torch.Tensor:
         """Only the active channel groups, and only for routed tokens (gather → MLP → scatter-add)."""
@@ -128,8 +157,6 @@ class DiT(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
         self.dynamic_exec = "auto"  # eval of a dynamic model: "sliced" unless set to "masked"
-        self._plan_cache: dict = {}  # inference width plans per timestep batch (see width_plans)
-        self._plan_cache_sig: tuple = ()
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -216,50 +243,34 @@ class DiT(nn.Module):
             raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
         return "masked" if self.dynamic_exec == "masked" else "sliced"
 
-    PLAN_CACHE_SIZE = 1024  # distinct sampling timesteps; a plan is a few (1, H) tensors per block
+    def train(self, mode: bool = True) -> "DiT":
+        """Leaving inference drops its caches (width plans, sliced weight copies): they would only
+        hold memory through training, where nothing reads them."""
+        if mode:
+            for module in self.modules():
+                if isinstance(module, DiTBlock) and module.dynamic:
+                    module._plans, module._plan_version = {}, None
+                for cache in vars(module).values():
+                    if isinstance(cache, SlicedWeights):
+                        cache.clear()
+        return super().train(mode)
 
-    def width_plans(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> list[WidthPlan | None]:
-        """Per-block width plans for this forward, or Nones (each block then runs its routers).
+    def plan_key(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> tuple | None:
+        """The key under which blocks cache width plans for this forward, or None (routers run).
 
-        The head and channel masks are a function of t alone (METHODS §1.1), and a sampling step
-        shares one t across the batch. So at inference (sliced, no autograd) with a uniform t the
-        plans are computed once per timestep (one mask row kept) and reused by every later call at
-        that t: no routers, no mask → unit-index work or its host syncs. The cache is invalidated
-        whenever a router or timestep-embedder weight changes (optimiser or EMA update,
-        `load_state_dict`, `.to()`). Training, masked eval and per-sample timesteps never use it.
+        Only at inference (sliced, no autograd) with one timestep shared by the batch, as in every
+        sampling step; training, masked eval and per-sample timesteps never cache. The key holds
+        the timestep embedder's weight versions, since the plans are functions of its output.
         """
-        none: list[WidthPlan | None] = [None] * len(self.blocks)
         if mode != "sliced" or torch.is_grad_enabled() or t.ndim != 1 or t.numel() == 0:
-            return none
+            return None
         values = t.tolist()
         if any(v != values[0] for v in values):
-            return none
-        sig = self._router_signature()
-        if sig is None:
-            return none
-        if sig != self._plan_cache_sig:
-            self._plan_cache, self._plan_cache_sig = {}, sig
-        key = (values[0], t_emb.dtype, t_emb.device)
-        plans = self._plan_cache.get(key)
-        if plans is None:
-            if len(self._plan_cache) >= self.PLAN_CACHE_SIZE:
-                self._plan_cache.pop(next(iter(self._plan_cache)))
-            # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
-            plans = [block.width_plan(t_emb, sliced=True) for block in self.blocks]
-            plans = [WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups) for p in plans]
-            self._plan_cache[key] = plans
-        b = t.shape[0]
-        return [WidthPlan(p.head_mask.expand(b, -1), p.group_mask.expand(b, -1), p.heads, p.groups) for p in plans]
-
-    def _router_signature(self) -> tuple | None:
-        """Identity and version of every tensor a width plan depends on; None when a weight is an
-        inference tensor (it has no version counter, so a change could not be seen: no caching)."""
-        params = list(self.t_embedder.parameters())
-        for block in self.blocks:
-            params += list(block.attn_rate.parameters()) + list(block.mlp_rate.parameters())
-        if any(p.is_inference() for p in params):
             return None
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        version = weights_version(self.t_embedder.parameters())
+        if version is None:
+            return None
+        return (values[0], t_emb.dtype, t_emb.device, version)
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         b = x.shape[0]
@@ -288,10 +299,10 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
         mode = self._exec_mode(complete)
-        plans = self.width_plans(t, t_emb, mode) if mode != "static" else [None] * len(self.blocks)
+        key = self.plan_key(t, t_emb, mode)
         masks = []
-        for block, plan in zip(self.blocks, plans):
-            h, block_masks = block(h, c, t_emb, grid_hw, mode, plan=plan)
+        for block in self.blocks:
+            h, block_masks = block(h, c, t_emb, grid_hw, mode, plan_key=key)
             if block_masks is not None:
                 masks.append(block_masks)
         out = self.unpatchify(self.final_layer(h, c), grid_hw)

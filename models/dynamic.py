@@ -120,7 +120,7 @@ class UnitSelection:
 class WidthPlan:
     """One block's timestep-wise width decision for a batch of timesteps: the (B, H) head and (B, G)
     channel-group masks and, for the sliced path, the units to compute. A function of t alone, so
-    inference computes it once per sampling step (see `DiT.width_plans`)."""
+    inference computes it once per sampling step (see `DiTBlock.cached_width_plan`)."""
 
     head_mask: torch.Tensor
     group_mask: torch.Tensor
@@ -145,20 +145,34 @@ class SlicedWeights:
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self._key: tuple | None = None
         self._value: tuple[torch.Tensor, ...] = ()
 
     def get(
         self, sel: UnitSelection, params: tuple[torch.Tensor, ...], make: Callable[[], tuple[torch.Tensor, ...]]
     ) -> tuple[torch.Tensor, ...]:
-        if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+        version = weights_version(params)
+        if torch.is_grad_enabled() or version is None:
             return make()
-        key = (sel.key, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        key = (sel.key, version)
         if key != self._key:
             self._key, self._value = None, ()  # drop the old copies before making the new ones
             self._value = make()
             self._key = key
         return self._value
+
+
+def weights_version(params) -> tuple | None:
+    """Identity and version of tensors, to tell when a cache built from them is stale (an optimiser or
+    EMA step, `load_state_dict` or `.to()` changes it); None for inference tensors, which have no
+    version counter, so a change could not be seen and nothing may be cached."""
+    params = tuple(params)
+    if any(p.is_inference() for p in params):
+        return None
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
 
 def expand_group_mask(mask: torch.Tensor, group_size: int) -> torch.Tensor:

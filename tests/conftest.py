@@ -6,3 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Triton reads TRITON_INTERPRET once, when it is first imported: without CUDA set it here, before any
+# test module is collected, so the interpreter tests never depend on which module imported Triton
+# first (test_kernels_triton.py also sets it; on a CUDA machine it stays unset for the GPU tests).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

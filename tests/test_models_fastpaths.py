@@ -86,7 +86,7 @@ def test_inference_caches_give_the_uncached_and_masked_outputs(name):
         hit = m(x, t, y)
         m.dynamic_exec = "masked"
         masked = m(x, t, y)
-    assert len(m._plan_cache) == 1
+    assert all(len(block._plans) == 1 for block in m.blocks)
     assert torch.equal(miss, ref) and torch.equal(hit, ref)
     assert torch.equal(aux["head_masks"], aux_ref["head_masks"].detach())
     torch.testing.assert_close(hit, masked, rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_per_sample_timesteps_are_not_cached():
         out = m(x, t, y)
         m.dynamic_exec = "masked"
         masked = m(x, t, y)
-    assert not m._plan_cache
+    assert not any(block._plans for block in m.blocks)
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
 
 
@@ -142,3 +142,53 @@ def test_sliced_weights_are_reused_only_without_grad_and_while_unchanged():
     grad_out = mlp(x, groups=sel)  # with autograd: fresh, differentiable slices
     grad_out.sum().backward()
     assert mlp.fc1.weight.grad[8:16].abs().sum() == 0 and mlp.fc1.weight.grad[:8].abs().sum() > 0
+
+
+def test_cached_inference_follows_in_place_weight_updates_and_train_drops_the_caches():
+    """Every weight a sliced copy is made from is part of its cache key: after an in-place update (an
+    EMA step, load_state_dict) the cached sliced forward still equals the masked one."""
+    m = _dynamic()
+    x, t, y = tiny_inputs(batch=2)
+    t = torch.full_like(t, 300.0)
+    with torch.no_grad():
+        m(x, t, y)
+        for block in m.blocks:
+            for w in (block.mlp.fc1.bias, block.mlp.fc2.weight, block.attn.qkv.weight, block.attn.proj.weight,
+                      block.attn_rate.router.weight, block.mlp_rate.router.bias):
+                w.mul_(1.5)
+        m.t_embedder.mlp[0].weight.mul_(1.5)
+        sliced = m(x, t, y)
+        m.dynamic_exec = "masked"
+        masked = m(x, t, y)
+        m.dynamic_exec = "sliced"
+    torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
+    assert any(block.mlp._slices._value for block in m.blocks)
+    m.train()
+    assert not any(block._plans or block.mlp._slices._value or block.attn._qkv_slices._value for block in m.blocks)
+
+
+def test_cached_inference_runs_under_fsdp2():
+    """The plan cache is built inside each block's forward, where FSDP2 has gathered the router
+    weights (built at the root they are still sharded DTensors: a crash at every sampling step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trainer.distributed import destroy_distributed, init_distributed
+
+    env = init_distributed(60)
+    try:
+        m = _dynamic()
+        x, t, y = tiny_inputs(batch=2)
+        t = torch.full_like(t, 400.0)
+        with torch.no_grad():
+            ref = m(x, t, y)
+        mesh = init_device_mesh("cpu", (env.world_size,))
+        for block in m.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        with torch.no_grad():
+            first, again = m(x, t, y), m(x, t, y)
+        torch.testing.assert_close(first, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(again, ref, rtol=1e-6, atol=1e-6)
+    finally:
+        destroy_distributed()
