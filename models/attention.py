@@ -170,10 +170,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     depthwise layout) and, with grad, with the fast weight gradient above."""
     if x.device.type != "cpu":
         return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _DepthwiseConv2dCPU.apply(x, weight, bias)
-    x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    return _DepthwiseConv2dCPU.apply(x, weight, bias)  # without autograd, only its forward runs
 
 
 def build_attention(kind: str, dim: int, num_heads: int, dwc_kernel: int, eps: float, kernels: str) -> nn.Module:

@@ -30,7 +30,12 @@ def test_quick_json_has_every_field(quick_result):
                 "gflops_static", "gflops_realised"):
         assert d[key] > 0, key
     assert d["gflops_realised"] < d["gflops_static"]
-    assert d["ideal_speedup"] == pytest.approx(1 / d["flops_ratio_whole"])
+    from models import model_config
+    from models.flops import static_flops
+
+    assert d["gflops_static"] == pytest.approx(static_flops(model_config("dit-s/2", **bench.QUICK_DYN.overrides)) / 1e9)
+    assert d["ideal_speedup"] == pytest.approx(d["gflops_static"] / d["gflops_realised"])
+    assert d["efficiency"] == pytest.approx(d["speedup"] / d["ideal_speedup"])
     assert res["bars"] == {}  # quick sizes are overhead-bound: no bar is judged on them
     assert "load_before" in res and "load_after" in res
 
@@ -49,6 +54,11 @@ def test_table_is_printed(quick_result):
     text = bench.format_report(quick_result)
     for word in ("softmax", "LiT", "speed-up", "FLOPs ratio", "DyDiT sliced", "no bar applies"):
         assert word in text
+    d = quick_result["dynamic"]
+    assert f"{d['sliced_ms']:>9.1f} ms   speed-up {d['speedup']:.2f}x" in text
+    assert f"realised/ideal {d['efficiency']:.2f}" in text
+    for r in quick_result["attention"]:
+        assert f"{r['speedup']:.2f}x" in text
 
 
 def test_dispatcher_runs_the_suite(capsys, monkeypatch):
@@ -94,4 +104,5 @@ def test_bars_are_judged_on_the_default_sizes():
     dyn = {"speedup": 1.7, "ideal_speedup": 2.0, "efficiency": 0.85}
     res = bench.judge([row], dyn, quick=False)
     assert res["lit"]["pass"] and res["dynamic"]["pass"] and res["dynamic"]["need"] == pytest.approx(1.6)
-    assert not bench.judge([{**row, "speedup": 5.9}], {**dyn, "efficiency": 0.79}, quick=False)["lit"]["pass"]
+    missed = bench.judge([{**row, "speedup": 5.9}], {**dyn, "efficiency": 0.79}, quick=False)
+    assert not missed["lit"]["pass"] and not missed["dynamic"]["pass"]

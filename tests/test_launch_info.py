@@ -49,6 +49,16 @@ def test_table_output(capsys):
     text = capsys.readouterr().out
     for word in ("dit-s/2", "parameters", "GFLOPs", "attention", "mlp", "adaLN", "embeddings", "total"):
         assert word in text
+    # The parts add up to the totals: params, GFLOPs and shares (the total row repeats model_info's).
+    rows = [line.split() for line in text.splitlines()[text.splitlines().index("") + 2:]]
+    parts, total = rows[:-1], rows[-1]
+    num = lambda s: float(s.replace(",", "").rstrip("%"))  # noqa: E731
+    assert total[0] == "total" and len(parts) == 6
+    assert sum(num(r[1]) for r in parts) == num(total[1])
+    assert sum(num(r[-2]) for r in parts) == pytest.approx(num(total[-2]), abs=1e-3)
+    assert sum(num(r[-1]) for r in parts) == pytest.approx(100.0, abs=0.5)
+    info_json = info.model_info("dit-s/2", {"depth": 2, "hidden_size": 64, "num_heads": 4})
+    assert num(total[1]) == info_json["params"]["total"] and num(total[-2]) == pytest.approx(info_json["gflops"], abs=1e-4)
 
 
 @pytest.mark.parametrize(

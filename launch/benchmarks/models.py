@@ -179,9 +179,11 @@ def bench_dynamic(case: DynamicCase) -> dict[str, Any]:
         _, aux = dynamic(x, t, y, return_aux=True)
 
         def run(model: torch.nn.Module, exec_mode: str = "sliced") -> Callable[[], Any]:
-            def fn() -> Any:
+            steps = iter(range(999, -1, -1))
+
+            def fn() -> Any:  # a new timestep every call, as in a sampler: no width plan is reused
                 model.dynamic_exec = exec_mode
-                return model(x, t, y)
+                return model(x, torch.full_like(t, float(next(steps))), y)
 
             return fn
 
