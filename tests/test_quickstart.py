@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.trainer_utils import REPO, assert_ok, base_env
 
@@ -105,6 +106,9 @@ def test_stage_configs_load_and_follow_the_recipes(name):
     from trainer.config import load_config
     from trainer.quickstart import CONFIG_DIR
 
+    from models import build_model
+    from trainer.build import build_student, check_pair, student_config
+
     overrides = [] if name == "teacher" else [f"teacher.path={CONFIG_DIR / 'teacher.yaml'}"]  # any existing path
     cfg = load_config(CONFIG_DIR / f"{name}.yaml", overrides, world_size=1)
     if name == "teacher":
@@ -114,3 +118,40 @@ def test_stage_configs_load_and_follow_the_recipes(name):
     assert cfg.distill.lambda_noise > 0 and cfg.distill.lambda_var > 0
     if name.startswith("dy"):
         assert cfg.dynamic.flops_target <= 0.8
+    # The student fits the teacher the teacher stage trains, and inherits all of it but (LiT) attention.
+    teacher = build_model(student_config(load_config(CONFIG_DIR / "teacher.yaml", [], world_size=1)))
+    check_pair(student_config(cfg), teacher.config)
+    _, report = build_student(cfg, teacher)
+    assert not report.unused
+    linear = student_config(cfg).attention == "linear"
+    assert report.skipped and all(".attn." in k for k in report.skipped) if linear else not report.skipped
+
+
+def test_flops_of_reports_what_the_routers_switched_on():
+    """Hand-made masks: half the heads and channel groups off for every token → realised GFLOPs
+    below static, and the DyDiT ratio (attention + MLP) at one half."""
+    from models import build_model
+    from models.flops import realised_flops, realised_ratio, static_gflops
+    from trainer.quickstart import flops_of
+
+    m = build_model("dydit-s/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4,
+                    mlp_groups=4)
+    cfg, b = m.config, 3
+    half = torch.tensor([1.0, 1.0, 0.0, 0.0]).expand(b, cfg.depth, 4)
+    aux = {"head_masks": half, "channel_masks": half, "token_masks": torch.ones(b, cfg.depth, cfg.num_tokens)}
+    aux["flops_ratio"] = realised_ratio(cfg, aux["head_masks"], aux["channel_masks"], aux["token_masks"])
+    rec = flops_of(m, [aux, aux])
+    assert rec["gflops_static"] == pytest.approx(static_gflops(cfg))
+    assert rec["gflops"] == pytest.approx(float(realised_flops(cfg, aux).mean()) / 1e9)
+    assert rec["gflops"] < rec["gflops_static"]
+    assert rec["flops_ratio"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_training_stage_runs_as_two_ddp_ranks(tmp_path):
+    """The default on a 2-core CPU: each stage under torchrun with 2 DDP ranks (the --quick test above
+    runs one process)."""
+    from trainer.quickstart import Options, train_stage
+
+    stage = train_stage("teacher", Options(out=tmp_path / "qs", quick=True, nproc=2), None)
+    assert stage["nproc"] == 2 and Path(stage["weights"]).exists()
+    assert "kind: ddp" in (tmp_path / "qs" / "teacher" / "config.yaml").read_text()

@@ -43,6 +43,14 @@ def test_frechet_distance_of_gaussians_is_exact():
     # isotropic covariances: FD = d·(σ1 − σ2)²
     s1, s2 = GaussianStats(np.zeros(8), np.eye(8), 1), GaussianStats(np.zeros(8), 4 * np.eye(8), 1)
     assert frechet_distance(s1, s2) == pytest.approx(8 * (1 - 2) ** 2, rel=1e-6)
+    # covariances that do not commute: the closed form with the matrix square root of their product
+    from scipy.linalg import sqrtm
+
+    b = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+    ca, cb = cov, b.T @ b / 200
+    mu_a, mu_b = rng.normal(size=8), rng.normal(size=8)
+    exact = float(np.sum((mu_a - mu_b) ** 2) + np.trace(ca + cb - 2 * sqrtm(ca @ cb).real))
+    assert frechet_distance(GaussianStats(mu_a, ca, 200), GaussianStats(mu_b, cb, 200)) == pytest.approx(exact, rel=1e-6)
 
 
 def test_fd_is_zero_for_the_real_set_and_grows_with_a_shift(classifier):

@@ -157,12 +157,13 @@ def real_stats(model: DigitClassifier) -> GaussianStats:
     return feature_stats(model, torch.from_numpy(x))
 
 
-def real_floor(model: DigitClassifier, n: int, seed: int = 0) -> float:
-    """FD of `n` real digits drawn with replacement against all real digits: what a perfect sampler of
-    the same sample count would score (FD is biased upward at small n)."""
+def real_floor(model: DigitClassifier, n: int, reference: GaussianStats | None = None, seed: int = 0) -> float:
+    """FD of `n` real digits drawn with replacement against all real digits (`reference`, from
+    `real_stats`): what a perfect sampler of the same sample count would score (FD is biased upward
+    at small n)."""
     x, _ = digits_arrays()
     idx = np.random.default_rng(seed).integers(0, len(x), n)
-    return frechet_distance(feature_stats(model, torch.from_numpy(x[idx])), real_stats(model))
+    return frechet_distance(feature_stats(model, torch.from_numpy(x[idx])), reference or real_stats(model))
 
 
 @torch.no_grad()

@@ -43,7 +43,6 @@ DATA_FORMATS = ("digits", "wds", "mds")
 QUICK_OVERRIDES = [
     "student.args.depth=2",
     "student.args.hidden_size=32",
-    "student.args.mlp_groups=4",
     "train.steps=6",
     "train.global_batch=32",
     "train.log_every=3",
@@ -221,10 +220,14 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
     _write_json(stamp_path, {"key": key, "status": "training"})
     t0 = time.perf_counter()
     if opts.nproc == 1:  # in this process: no second start-up of torch
-        from trainer.loop import train
+        from trainer.checkpoint import CheckpointError
+        from trainer.loop import NonFiniteError, train
 
-        result = train(cfg)
-        code = result.exit_code
+        try:
+            code = train(cfg).exit_code
+        except (CheckpointError, NonFiniteError) as e:  # as launch.train reports them, then the stage error
+            _log(f"{name}: error: {e}")
+            code = 1
     else:
         code = launch_train(name, opts, overrides)
     if code != 0:
@@ -293,7 +296,8 @@ def generate(model, objective, noise: torch.Tensor, labels: torch.Tensor, ev: Ev
         on_aux(aux)
         return out
 
-    x = sample(fn, objective, noise, cond, null_cond=model.null_condition(cond), cfg_scale=ev.cfg_scale,
+    null = model.null_condition(cond) if ev.cfg_scale != 1.0 else None  # guidance needs the null class
+    x = sample(fn, objective, noise, cond, null_cond=null, cfg_scale=ev.cfg_scale,
                steps=steps or ev.steps, method=ev.method, seq_len=model.config.num_tokens)
     return x.float().clamp(-1, 1)
 
@@ -439,7 +443,7 @@ def run(opts: Options) -> dict:
     weights = {n: weights_path(opts, n) for n in MODELS}
     evals = evaluate_all(weights, opts, classifier, reference)
     timing = timing_stage(weights, opts)
-    floor = real_floor(classifier, opts.eval.samples, seed=opts.eval.seed)
+    floor = real_floor(classifier, opts.eval.samples, reference, seed=opts.eval.seed)
     report = build_report(opts, stages, evals, timing, classifier_info, floor, time.perf_counter() - t0)
     write_report(report, opts.out)
     return report
