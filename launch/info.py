@@ -1,7 +1,7 @@
 """`python -m launch.info MODEL [--json] [key=value ...]`: parameters and GFLOPs of a registry model.
 
 Thin: parse, build on the meta device (no weights are allocated, so `dit-xl/2` costs nothing), ask
-`models.flops` for the analytic counts, print. FLOPs are multiply-adds per image at the model's
+the model's family for the analytic counts, print. FLOPs are multiply-adds per image at the model's
 native resolution (the DiT paper's unit), so dit-xl/2 reads 118.6 GFLOPs as in the paper.
 """
 from __future__ import annotations
@@ -16,13 +16,11 @@ from typing import Any
 
 import torch
 
-from models import DiT, family_of, model_config
-from models.config import DiTConfig
-from models.flops import model_report
+from models import family_of, model_config
+from models.family import resolve_name
 
-# Parameter groups in print order; the FLOPs counter's block parts map onto the first four.
+# Parameter and FLOPs groups in print order (ModelFamily.param_group / ModelFamily.flops).
 PARAM_GROUPS = ("attention", "mlp", "adaLN", "routers", "embeddings", "final_layer")
-BLOCK_PARTS = {"attn": "attention", "mlp": "mlp", "adaln": "adaLN", "routers": "routers"}
 
 
 def parse_value(text: str) -> Any:
@@ -57,9 +55,9 @@ _ACCEPTS: dict[str, tuple[type, ...]] = {
 }
 
 
-def check_types(overrides: dict[str, Any]) -> None:
+def check_types(config_cls: type, overrides: dict[str, Any]) -> None:
     """A value of the wrong type (`depth=abc`) is a ValueError naming the key, before any build."""
-    kinds = {f.name: str(f.type) for f in fields(DiTConfig)}
+    kinds = {f.name: str(f.type) for f in fields(config_cls)}
     for key, value in overrides.items():
         accepts = _ACCEPTS.get(kinds.get(key, ""))
         if accepts is None:
@@ -68,83 +66,58 @@ def check_types(overrides: dict[str, Any]) -> None:
             raise ValueError(f"model.{key}={value!r} is invalid: expected {kinds[key]}")
 
 
-def param_group(name: str) -> str:
-    """The group of a parameter; routers are matched first because they live inside blocks."""
-    if any(k in name for k in ("attn_rate", "mlp_rate", "token_selection")):
-        return "routers"
-    if name.startswith("blocks.") and ".attn." in name:
-        return "attention"
-    if name.startswith("blocks.") and ".mlp." in name:
-        return "mlp"
-    if name.startswith("blocks.") and "adaLN_modulation" in name:
-        return "adaLN"
-    if name.startswith("final_layer"):
-        return "final_layer"
-    return "embeddings"
-
-
-def count_params(cfg: DiTConfig) -> dict[str, int]:
+def count_params(cfg: Any) -> dict[str, int]:
     """Parameter counts per group and in total, from a model built on the meta device."""
+    family = family_of(cfg)
     with torch.device("meta"):
-        model = DiT(cfg)
+        model = family.build(cfg)
     counts: Counter[str] = Counter()
     for name, p in model.named_parameters():
-        counts[param_group(name)] += p.numel()
+        counts[family.param_group(name)] += p.numel()
     groups = {g: counts.get(g, 0) for g in PARAM_GROUPS}
     return {**groups, "total": sum(counts.values())}
 
 
 def model_info(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Everything `launch.info` prints, as one JSON-able dict (GFLOPs per image)."""
-    check_types(overrides)
+    family, _ = resolve_name(name)
+    check_types(family.config_cls, overrides)
     cfg = model_config(name, **overrides)
-    report = model_report(cfg)
-    block = report["block"]
-    totals = {k: v * cfg.depth for k, v in block.items()}
+    _, h, w = family.latent_shape(cfg)
+    flops = family.flops(cfg)
     return {
         "model": name.lower(),
-        "family": family_of(cfg),
+        "family": family.name,
+        "kind": family.student_kind(cfg),
         "overrides": overrides,
-        "image_size": cfg.input_size * 8,  # latent side × the SD VAE's downsampling factor
-        "input_size": cfg.input_size,
-        "tokens": report["tokens"],
-        "depth": cfg.depth,
-        "hidden_size": cfg.hidden_size,
-        "num_heads": cfg.num_heads,
+        "latent": [h, w],
+        "tokens": family.image_tokens(cfg, (h, w)),
         "attention": cfg.attention,
         "dynamic": cfg.dynamic,
+        "config": cfg.to_dict(),
         "params": count_params(cfg),
-        "gflops": report["gflops"],
-        "gflops_per_block": block,
-        "gflops_blocks_total": totals,
-        "gflops_embed": report["embed"],
+        "gflops": flops["total"] / 1e9,
+        "gflops_parts": {g: flops.get(g, 0.0) / 1e9 for g in PARAM_GROUPS},
     }
 
 
 def format_table(info: dict[str, Any]) -> str:
     """The human-readable view of `model_info`."""
-    p, g = info["params"], info["gflops"]
+    p, g, c = info["params"], info["gflops"], info["config"]
+    shape = ", ".join(f"{k} {c[k]}" for k in ("depth", "hidden_size", "num_heads") if k in c)
     lines = [
-        f"{info['model']}  ({info['family']}: {info['attention']} attention"
+        f"{info['model']}  ({info['family']} family, {info['kind']}: {info['attention']} attention"
         f"{', dynamic' if info['dynamic'] else ''})  overrides={info['overrides'] or '{}'}",
-        f"latent {info['input_size']}x{info['input_size']} (~{info['image_size']}px), {info['tokens']} tokens, "
-        f"depth {info['depth']}, hidden {info['hidden_size']}, heads {info['num_heads']}",
-        f"parameters: {p['total']:,} ({p['total'] / 1e6:.2f} M; the fixed sin-cos pos_embed is a buffer, not counted)",
+        f"latent {info['latent'][0]}x{info['latent'][1]}, {info['tokens']} image tokens, {shape}",
+        f"parameters: {p['total']:,} ({p['total'] / 1e6:.2f} M; fixed buffers such as sin-cos position embeddings are not counted)",
         f"GFLOPs per image (multiply-adds): {g:.3f}",
         "",
-        f"{'part':<14}{'params':>14}{'GFLOPs/block':>14}{'GFLOPs total':>14}{'share':>8}",
+        f"{'part':<14}{'params':>16}{'GFLOPs':>14}{'share':>8}",
     ]
-    rows: list[tuple[str, int, float | None, float]] = []
-    for key, group in BLOCK_PARTS.items():
-        per, tot = info["gflops_per_block"][key], info["gflops_blocks_total"][key]
-        rows.append((group, p[group], per, tot))
-    embed_flops = sum(info["gflops_embed"].values()) - info["gflops_embed"]["final_layer"]
-    rows.append(("embeddings", p["embeddings"], None, embed_flops))
-    rows.append(("final_layer", p["final_layer"], None, info["gflops_embed"]["final_layer"]))
-    for name, params, per, tot in rows:
-        per_s = f"{per:14.4f}" if per is not None else f"{'-':>14}"
-        lines.append(f"{name:<14}{params:>14,}{per_s}{tot:14.4f}{100 * tot / g:7.1f}%")
-    lines.append(f"{'total':<14}{p['total']:>14,}{'':>14}{g:14.4f}{100.0:7.1f}%")
+    for name in PARAM_GROUPS:
+        tot = info["gflops_parts"][name]
+        lines.append(f"{name:<14}{p[name]:>16,}{tot:14.4f}{100 * tot / g:7.1f}%")
+    lines.append(f"{'total':<14}{p['total']:>16,}{g:14.4f}{100.0:7.1f}%")
     return "\n".join(lines)
 
 

@@ -1,7 +1,11 @@
-"""DiTill models: the DiT family (teacher and students), diffusion objectives, losses, FLOPs."""
-from models.config import DiTConfig
-from models.convert import load_pretrained
-from models.dit import DiT
-from models.registry import build_model, family_of, model_config, model_names
+"""DiTill models: model families (teacher and students), diffusion objectives, losses, FLOPs.
 
-__all__ = ["DiT", "DiTConfig", "build_model", "family_of", "load_pretrained", "model_config", "model_names"]
+The trainer speaks to `models.family` (the protocol) and `models.registry` (names → configs and
+modules); each family's own classes stay behind them.
+"""
+from models.convert import load_pretrained
+from models.family import ModelFamily, family_of, get_family, register_family
+from models.registry import build_model, model_config, model_names, student_kind
+
+__all__ = ["ModelFamily", "build_model", "family_of", "get_family", "load_pretrained", "model_config", "model_names",
+           "register_family", "student_kind"]

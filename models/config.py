@@ -1,19 +1,33 @@
 """The one configuration of the DiT family: teacher and students are the same classes.
 
 A teacher is the static softmax configuration; a LiT student flips `attention="linear"`, a DyDiT
-student flips `dynamic=True`, a DyLiT student flips both. Everything else (sizes, names) is shared,
-which is what makes weight inheritance a name-for-name copy.
+student flips `dynamic=True`, a DyLiT student flips both (the switches are `StudentOptions`, shared by
+every family). Everything else (sizes, names) is shared, which is what makes weight inheritance a
+name-for-name copy.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, ClassVar
 
-ATTENTION_KINDS = ("softmax", "linear")
+from models.student import ATTENTION_KINDS, StudentOptions
+
+__all__ = ["ATTENTION_KINDS", "DiTConfig", "PATCHES", "SIZES"]
+
+# DiT's sizes: (depth, hidden, DiT heads, LiT heads)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "s": (12, 384, 6, 2),
+    "b": (12, 768, 12, 3),
+    "l": (24, 1024, 16, 4),
+    "xl": (28, 1152, 16, 4),
+}
+PATCHES = (2, 4, 8)
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(StudentOptions):
+    family: ClassVar[str] = "dit"
+
     input_size: int = 32  # latent side (256px images with an 8x VAE)
     patch_size: int = 2
     in_channels: int = 4
@@ -26,21 +40,6 @@ class DiTConfig:
     # dropout itself so that teacher and student see the same labels.
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
-    # LiT: linear attention with a depth-wise conv on V.
-    attention: str = "softmax"
-    dwc_kernel: int = 5
-    linear_eps: float = 1e-6
-    # DyDiT: timestep-wise dynamic width (heads, MLP channel groups) and spatial dynamic tokens.
-    dynamic: bool = False
-    mlp_groups: Optional[int] = None  # MLP channel groups; None = num_heads (as DyDiT)
-    router_tau: float = 5.0
-    router_threshold: float = 0.5
-    width_router_bias: float = 15.0
-    token_router_bias: float = 35.0
-    token_router_reduction: int = 16
-    token_routing: bool = True  # SDT on/off (TDW alone when False)
-    # Fused kernels: auto | triton | reference (see models/kernels/dispatch.py).
-    kernels: str = "auto"
 
     @property
     def out_channels(self) -> int:
@@ -81,22 +80,9 @@ class DiTConfig:
             bad("num_heads", f"must divide hidden_size={self.hidden_size} (pass num_heads=... with hidden_size)")
         if self.hidden_size % 2:
             bad("hidden_size", "must be even (2-D sin-cos position embedding)")
-        if self.attention not in ATTENTION_KINDS:
-            bad("attention", f"one of {ATTENTION_KINDS}")
-        if self.dwc_kernel < 0 or (self.dwc_kernel and self.dwc_kernel % 2 == 0):
-            bad("dwc_kernel", "0 (no DWC) or an odd kernel size such as 5")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             bad("class_dropout_prob", "in [0, 1)")
-        if self.mlp_hidden % self.groups:
-            bad("mlp_groups", f"must divide the MLP width {self.mlp_hidden}")
-        if self.router_tau <= 0:
-            bad("router_tau", "must be > 0")
-        if not 0.0 < self.router_threshold < 1.0:
-            bad("router_threshold", "in (0, 1)")
-        if self.hidden_size // self.token_router_reduction < 1:
-            bad("token_router_reduction", f"must be <= hidden_size={self.hidden_size}")
-        if self.kernels not in ("auto", "triton", "reference"):
-            bad("kernels", "one of auto | triton | reference")
+        self.validate_student(self.hidden_size, self.mlp_hidden, self.groups)
         return self
 
     def to_dict(self) -> dict[str, Any]:

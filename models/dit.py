@@ -10,7 +10,10 @@ from torch import nn
 
 from models.attention import build_attention
 from models.config import DiTConfig
-from models.dynamic import Router, SlicedWeights, TokenSelect, UnitSelection, WidthPlan, weights_version
+from models.dynamic import (
+    Router, SlicedWeights, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
+    token_routed_residual,
+)
 from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
@@ -37,8 +40,7 @@ class DiTBlock(nn.Module):
             self.mlp_rate = Router(d, cfg.groups, cfg.router_tau, cfg.router_threshold)
             if self.token_routing:
                 self.token_selection = TokenSelect(d, cfg.token_router_reduction, cfg.router_tau, cfg.router_threshold)
-            self._plans: dict[tuple, WidthPlan] = {}  # inference width plans per timestep (cached_width_plan)
-            self._plan_version: tuple | None = None
+            self.plans = WidthPlanCache()  # inference width plans per sampling timestep
 
     def forward(
         self,
@@ -75,56 +77,19 @@ class DiTBlock(nn.Module):
         token_mask = self.token_selection(x) if self.token_routing else x.new_ones(b, n, dtype=torch.float32)
         h = ops.modulate_layernorm(x, shift_mlp, scale_mlp, LN_EPS)
         if mode == "masked":
-            y = self.mlp(h, unit_mask=plan.group_mask.unsqueeze(1))
-            x = x + (token_mask.unsqueeze(-1).to(y.dtype) * gate_mlp.unsqueeze(1)) * y
+            x = token_masked_residual(x, self.mlp(h, unit_mask=plan.group_mask.unsqueeze(1)), gate_mlp, token_mask)
         else:
-            x = self._sliced_mlp(x, h, gate_mlp, plan.groups, token_mask, ops)
+            x = token_routed_residual(x, h, gate_mlp, token_mask, self.mlp, plan.groups, ops)
         return x, {"head": plan.head_mask, "channel": plan.group_mask, "token": token_mask}
 
     def width_plan(self, t_emb: torch.Tensor, sliced: bool) -> WidthPlan:
         """The head and channel-group routers' decision for timestep embeddings `t_emb` (B, D)."""
         return WidthPlan.build(self.attn_rate(t_emb), self.mlp_rate(t_emb), sliced)
 
-    PLAN_CACHE_SIZE = 1024  # distinct sampling timesteps; a plan is a few (1, H) tensors
-
     def cached_width_plan(self, t_emb: torch.Tensor, key: tuple) -> WidthPlan:
-        """`width_plan` for a batch sharing one timestep, computed once per `key` and reused.
-
-        The head and channel masks are a function of t alone (METHODS §1.1), so inference runs the
-        routers once per sampling timestep (one mask row kept) and then does no router, mask → index
-        work or host syncs at that t. Built here, inside the block, where FSDP has its weights
-        gathered; dropped whenever a router weight changes (`key` carries the timestep embedder's).
-        """
-        version = weights_version([*self.attn_rate.parameters(), *self.mlp_rate.parameters()])
-        if version is None:
-            return self.width_plan(t_emb, sliced=True)
-        if version != self._plan_version:
-            self._plans, self._plan_version = {}, version
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= self.PLAN_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))
-            # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
-            p = self.width_plan(t_emb, sliced=True)
-            plan = self._plans[key] = WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups)
-        b = t_emb.shape[0]
-        return WidthPlan(plan.head_mask.expand(b, -1), plan.group_mask.expand(b, -1), plan.heads, plan.groups)
-
-    def _sliced_mlp(self, x, h, gate, groups: UnitSelection, token_mask: torch.Tensor, ops) -> torch.Tensor:
-        """Only the active channel groups, and only for routed tokens (gather → MLP → scatter-add)."""
-        b, n, _ = x.shape
-        keep = token_mask.reshape(-1) > 0.5
-        if bool(keep.all()):
-            unit_mask = None if groups.mask is None else groups.mask.unsqueeze(1)
-            return ops.gated_residual(x, gate, self.mlp(h, unit_mask=unit_mask, groups=groups))
-        index = keep.nonzero().squeeze(1)
-        if index.numel() == 0:
-            return x
-        unit_mask = None
-        if groups.mask is not None:
-            unit_mask = groups.mask.index_select(0, torch.div(index, n, rounding_mode="floor"))
-        y = self.mlp(ops.gather_tokens(h, index), unit_mask=unit_mask, groups=groups)
-        return ops.scatter_add_tokens(x, index, y, gate)
+        """`width_plan` for a batch sharing one timestep, computed once per `key` (see WidthPlanCache)."""
+        params = [*self.attn_rate.parameters(), *self.mlp_rate.parameters()]
+        return self.plans.get(key, params, t_emb.shape[0], lambda: self.width_plan(t_emb, sliced=True))
 
 
 class FinalLayer(nn.Module):
@@ -213,6 +178,10 @@ class DiT(nn.Module):
                         nn.init.zeros_(lin.bias)
                 self._init_routers(block)
 
+    def all_blocks(self) -> list[nn.Module]:
+        """The transformer blocks in execution order (FSDP units, checkpoint and compile targets)."""
+        return list(self.blocks)
+
     # --- conditioning: what the trainer and samplers pass as `**cond` -----------------------------
     # A text-conditioned family (PixArt, FLUX) implements the same three methods over its own keys,
     # so the training step and the samplers never ask which family they drive.
@@ -248,29 +217,14 @@ class DiT(nn.Module):
         hold memory through training, where nothing reads them."""
         if mode:
             for module in self.modules():
-                if isinstance(module, DiTBlock) and module.dynamic:
-                    module._plans, module._plan_version = {}, None
                 for cache in vars(module).values():
-                    if isinstance(cache, SlicedWeights):
+                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
                         cache.clear()
         return super().train(mode)
 
     def plan_key(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> tuple | None:
-        """The key under which blocks cache width plans for this forward, or None (routers run).
-
-        Only at inference (sliced, no autograd) with one timestep shared by the batch, as in every
-        sampling step; training, masked eval and per-sample timesteps never cache. The key holds
-        the timestep embedder's weight versions, since the plans are functions of its output.
-        """
-        if mode != "sliced" or torch.is_grad_enabled() or t.ndim != 1 or t.numel() == 0:
-            return None
-        values = t.tolist()
-        if any(v != values[0] for v in values):
-            return None
-        version = weights_version(self.t_embedder.parameters())
-        if version is None:
-            return None
-        return (values[0], t_emb.dtype, t_emb.device, version)
+        """The key under which blocks cache width plans for this forward (see `models.dynamic.plan_key`)."""
+        return plan_key(t, t_emb, mode, self.t_embedder.parameters())
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         b = x.shape[0]

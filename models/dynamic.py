@@ -184,3 +184,90 @@ def unit_rows(index: torch.Tensor, unit_size: int) -> torch.Tensor:
     """Row indices of the units in `index` when each unit owns `unit_size` contiguous rows."""
     offs = torch.arange(unit_size, device=index.device)
     return (index[:, None] * unit_size + offs[None]).reshape(-1)
+
+
+class WidthPlanCache:
+    """Width plans of one block per sampling timestep (inference only), dropped when a router changes.
+
+    The head and channel masks are a function of t alone (METHODS §1.1), so inference runs a block's
+    width routers once per sampling timestep (one mask row kept) and then does no router, mask →
+    index work or host syncs at that t. The cache lives inside the block, where FSDP has the router
+    weights gathered; `key` carries the timestep embedder's weight version (see `plan_key`), and the
+    routers' own version is checked here, so any weight change (optimiser, EMA, load) empties it.
+    """
+
+    MAX_PLANS = 1024  # distinct sampling timesteps; a plan is a few (1, U) tensors
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._plans: dict[tuple, "WidthPlan"] = {}
+        self._version: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def get(self, key: tuple, router_params, batch: int, build: Callable[[], "WidthPlan"]) -> "WidthPlan":
+        """The plan for `key` expanded to `batch` rows; `build()` runs the routers on the whole batch."""
+        version = weights_version(router_params)
+        if version is None:
+            return build()
+        if version != self._version:
+            self._plans, self._version = {}, version
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
+            p = build()
+            plan = self._plans[key] = WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups)
+        return WidthPlan(plan.head_mask.expand(batch, -1), plan.group_mask.expand(batch, -1), plan.heads, plan.groups)
+
+
+def plan_key(t: torch.Tensor, t_emb: torch.Tensor, mode: str, embedder_params) -> tuple | None:
+    """The key under which blocks cache width plans for one forward, or None (the routers run).
+
+    Only at inference (sliced, no autograd) with one timestep shared by the batch, as in every
+    sampling step; training, masked eval and per-sample timesteps never cache. The key holds the
+    timestep embedder's weight versions, since the plans are functions of its output.
+    """
+    if mode != "sliced" or torch.is_grad_enabled() or t.ndim != 1 or t.numel() == 0:
+        return None
+    values = t.tolist()
+    if any(v != values[0] for v in values):
+        return None
+    version = weights_version(embedder_params)
+    if version is None:
+        return None
+    return (values[0], t_emb.dtype, t_emb.device, version)
+
+
+def token_routed_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, token_mask: torch.Tensor,
+                          mlp: Callable[..., torch.Tensor], groups: UnitSelection | None, ops) -> torch.Tensor:
+    """`x + gate·MLP(h)` computed only for routed tokens and only the active channel groups (sliced path).
+
+    Unrouted tokens skip the MLP (gather → MLP → scatter-add; DyDiT's SDT): the MLP has no token
+    interaction, so tokens of different samples are packed into one flattened (B·N) batch.
+    `mlp(h, unit_mask=..., groups=...)` is the block's MLP; `gate` is (B, D) or None (no gate).
+    """
+    b, n, _ = x.shape
+    keep = token_mask.reshape(-1) > 0.5
+    if bool(keep.all()):
+        unit_mask = None if groups is None or groups.mask is None else groups.mask.unsqueeze(1)
+        y = mlp(h, unit_mask=unit_mask, groups=groups)
+        return x + y if gate is None else ops.gated_residual(x, gate, y)
+    index = keep.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return x
+    unit_mask = None
+    if groups is not None and groups.mask is not None:
+        unit_mask = groups.mask.index_select(0, torch.div(index, n, rounding_mode="floor"))
+    y = mlp(ops.gather_tokens(h, index), unit_mask=unit_mask, groups=groups)
+    return ops.scatter_add_tokens(x, index, y, gate)
+
+
+def token_masked_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, token_mask: torch.Tensor) -> torch.Tensor:
+    """The training path of the same: every token computed, unrouted ones multiplied by 0 (STE mask)."""
+    m = token_mask.unsqueeze(-1).to(y.dtype)
+    return x + (m if gate is None else m * gate.unsqueeze(1)) * y

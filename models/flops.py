@@ -1,4 +1,6 @@
-"""Analytic FLOPs of the DiT family, in the DiT paper's unit (one multiply-add = 1 FLOP).
+"""Analytic FLOPs, in the DiT paper's unit (one multiply-add = 1 FLOP): shared unit costs that every
+family composes (self/cross attention of either kind, MLP, DyDiT's realised ratio), and the DiT
+family's whole-model counts built from them.
 
 Two uses, kept apart:
 - the FLOPs *loss* convention of DyDiT (METHODS §1.3): only attention and MLP blocks count,
@@ -29,14 +31,48 @@ class BlockCost:
         return asdict(self)
 
 
-def attention_cost(cfg: DiTConfig, n: int) -> float:
-    d_model, d_head = cfg.hidden_size, cfg.head_dim
-    proj = 4 * n * d_model * d_model  # q, k, v and out projections
-    if cfg.attention == "softmax":
-        return proj + 2 * n * n * d_model  # QKᵀ and AV
-    # linear: φ(K)ᵀV and φ(Q)·(KV) per head (n·d² each, h heads), φ(Q)·mean φ(K), and the k×k DWC on V
+def self_attention_cost(kind: str, n: int, d_model: int, d_head: int, dwc_kernel: int = 0) -> float:
+    """One attention layer over n tokens: q, k, v and out projections, plus the token mixing.
+
+    softmax: QKᵀ and AV (2·n²·d). linear: φ(K)ᵀV and φ(Q)·(KV) per head (n·d_head·d_model each),
+    φ(Q)·mean φ(K) (n·d_model), and the k×k depth-wise conv on V (k²·n·d_model).
+    """
+    proj = 4 * n * d_model * d_model
+    if kind == "softmax":
+        return proj + 2 * n * n * d_model
     state = 2 * n * d_model * d_head + n * d_model
-    return proj + state + cfg.dwc_kernel**2 * n * d_model
+    return proj + state + dwc_kernel**2 * n * d_model
+
+
+def cross_attention_cost(n_q: int, n_kv: int, d_model: int, d_kv: int | None = None) -> float:
+    """Softmax cross-attention: q and out projections over n_q tokens, k and v over n_kv (from d_kv
+    input channels), and QKᵀ, AV."""
+    d_kv = d_model if d_kv is None else d_kv
+    return 2 * n_q * d_model * d_model + 2 * n_kv * d_kv * d_model + 2 * n_q * n_kv * d_model
+
+
+def mlp_cost(n: int, d_model: int, hidden: int) -> float:
+    """fc1 and fc2 over n tokens."""
+    return 2 * n * d_model * hidden
+
+
+def dydit_ratio(head_masks: torch.Tensor, channel_masks: torch.Tensor, token_masks: torch.Tensor,
+                attn: float, mlp: float) -> torch.Tensor:
+    """DyDiT's per-sample ratio of realised to static attention+MLP FLOPs over L identical blocks.
+
+    head_masks (B, L, H), channel_masks (B, L, G), token_masks (B, L, N); `attn` and `mlp` are one
+    block's static costs. Attention scales with the active-head fraction, the MLP with the active-group
+    fraction times the routed-token fraction. Differentiable through the straight-through masks,
+    which is how the FLOPs loss reaches the routers.
+    """
+    depth = head_masks.shape[1]
+    a = head_masks.float().mean(dim=2) * attn
+    m = channel_masks.float().mean(dim=2) * token_masks.float().mean(dim=2) * mlp
+    return (a + m).sum(dim=1) / (depth * (attn + mlp))
+
+
+def attention_cost(cfg: DiTConfig, n: int) -> float:
+    return self_attention_cost(cfg.attention, n, cfg.hidden_size, cfg.head_dim, cfg.dwc_kernel)
 
 
 def block_cost(cfg: DiTConfig, n: int | None = None) -> BlockCost:
@@ -48,7 +84,7 @@ def block_cost(cfg: DiTConfig, n: int | None = None) -> BlockCost:
         if cfg.token_routing:
             hid = max(1, d // cfg.token_router_reduction)
             routers += n * (d * hid + hid)
-    return BlockCost(attn=attention_cost(cfg, n), mlp=2 * n * d * cfg.mlp_hidden, adaln=6 * d * d, routers=routers)
+    return BlockCost(attn=attention_cost(cfg, n), mlp=mlp_cost(n, d, cfg.mlp_hidden), adaln=6 * d * d, routers=routers)
 
 
 def embed_cost(cfg: DiTConfig, n: int | None = None) -> dict[str, float]:
@@ -80,11 +116,8 @@ def realised_ratio(
     head_masks (B, L, H), channel_masks (B, L, G), token_masks (B, L, N). Differentiable through the
     straight-through masks, which is how the FLOPs loss reaches the routers.
     """
-    n = token_masks.shape[-1]
-    cost = block_cost(cfg, n)
-    attn = head_masks.float().mean(dim=2) * cost.attn
-    mlp = channel_masks.float().mean(dim=2) * token_masks.float().mean(dim=2) * cost.mlp
-    return (attn + mlp).sum(dim=1) / (cfg.depth * (cost.attn + cost.mlp))
+    cost = block_cost(cfg, token_masks.shape[-1])
+    return dydit_ratio(head_masks, channel_masks, token_masks, cost.attn, cost.mlp)
 
 
 def realised_flops(cfg: DiTConfig, aux: dict[str, torch.Tensor]) -> torch.Tensor:

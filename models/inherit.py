@@ -1,9 +1,9 @@
 """Teacher → student weights by name, with a report (LiT Guideline 4; DyDiT fine-tuning).
 
 Teacher and student are the same classes, so inheritance is a name-for-name copy with one
-documented exception: when the attention kind changes (softmax → linear), the attention
-projections (q, k, v packed in `qkv`, and `proj`) are not copied and the new DWC starts random.
-Routers do not exist in a static teacher; they keep their "all on" initialisation.
+documented exception per family (`ModelFamily.inherit_exclude`): when the attention kind or the
+head layout changes (softmax → linear), the self-attention projections are not copied and the new
+DWC starts random. Routers do not exist in a static teacher; they keep their "all on" initialisation.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-ATTENTION_PATTERNS = ("blocks.*.attn.qkv.*", "blocks.*.attn.proj.*")
+ATTENTION_PATTERNS = ("blocks.*.attn.qkv.*", "blocks.*.attn.proj.*")  # the DiT family's
 
 
 @dataclass
@@ -30,11 +30,18 @@ class InheritReport:
         )
 
 
-def default_exclude(teacher_cfg, student_cfg) -> list[str]:
-    """Attention projections when the attention kind or head layout changes."""
+def attention_exclude(teacher_cfg, student_cfg, patterns) -> list[str]:
+    """`patterns` (a family's self-attention projections) when the attention kind or head count changes."""
     if teacher_cfg.attention != student_cfg.attention or teacher_cfg.num_heads != student_cfg.num_heads:
-        return list(ATTENTION_PATTERNS)
+        return list(patterns)
     return []
+
+
+def default_exclude(teacher_cfg, student_cfg) -> list[str]:
+    """The student's family rule (LiT: the self-attention projections of a changed attention)."""
+    from models.family import family_of
+
+    return family_of(student_cfg).inherit_exclude(teacher_cfg, student_cfg)
 
 
 def inherit_weights(

@@ -1,66 +1,34 @@
-"""Name → model. `dit-xl/2` *is* its configuration (as in DiT's `DiT_models` table).
+"""Name → model, over every registered family (DiT's `DiT_models` table, generalised).
 
-Families: `dit` (the teacher), `lit` (linear attention, few heads), `dydit` (dynamic width and
-tokens), `dylit` (both). Sizes S/B/L/XL × patch 2/4/8 use DiT's hidden sizes, depths and heads.
+`dit-xl/2`, `lit-xl/2`, `pixart-sigma-xl/2`, `flux-dev`, … each *is* its configuration; a family
+adds its rows by registering itself (`models/family.py`), and a family outside this package is
+reached as `package.module:name`.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import fields
 from typing import Any
 
-from models.config import DiTConfig
-from models.dit import DiT
+from torch import nn
 
-# size: (depth, hidden, DiT heads, LiT heads)
-SIZES: dict[str, tuple[int, int, int, int]] = {
-    "s": (12, 384, 6, 2),
-    "b": (12, 768, 12, 3),
-    "l": (24, 1024, 16, 4),
-    "xl": (28, 1152, 16, 4),
-}
-PATCHES = (2, 4, 8)
-FAMILIES = ("dit", "lit", "dydit", "dylit")
-_NAME = re.compile(r"^(dit|lit|dydit|dylit)-(s|b|l|xl)/(2|4|8)$")
-
-
-def _family_defaults(family: str, size: str) -> dict[str, Any]:
-    depth, hidden, heads, lit_heads = SIZES[size]
-    base = {"depth": depth, "hidden_size": hidden, "num_heads": heads}
-    if family in ("lit", "dylit"):
-        base.update(attention="linear", num_heads=lit_heads, dwc_kernel=5)
-    if family in ("dydit", "dylit"):
-        # DyLiT keeps LiT's few heads (so a trained LiT becomes a DyLiT exactly) but routes the MLP
-        # in DiT's number of channel groups, where most of the FLOPs are.
-        base.update(dynamic=True, mlp_groups=heads)
-    return base
+from models.family import families, family_of, resolve_name
 
 
 def model_names() -> list[str]:
-    return [f"{f}-{s}/{p}" for f in FAMILIES for s in SIZES for p in PATCHES]
+    return [n for f in families().values() for n in f.names()]
 
 
-def model_config(name: str, **overrides: Any) -> DiTConfig:
+def model_config(name: str, **overrides: Any):
     """The config of registry model `name` with keyword overrides (e.g. `depth=2, hidden_size=64`)."""
-    m = _NAME.match(name.lower())
-    if not m:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    family, size, patch = m.group(1), m.group(2), int(m.group(3))
-    known = {f.name for f in fields(DiTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown model override(s) {unknown} for {name}; allowed: {sorted(known)}")
-    kwargs = {"patch_size": patch, **_family_defaults(family, size), **overrides}
-    return DiTConfig(**kwargs).validate()
+    family, short = resolve_name(name)
+    return family.config(short, **overrides)
 
 
-def family_of(cfg: DiTConfig) -> str:
-    return {(False, False): "dit", (True, False): "lit", (False, True): "dydit", (True, True): "dylit"}[
-        (cfg.attention == "linear", cfg.dynamic)
-    ]
+def student_kind(cfg) -> str:
+    """"dit"-style kind of a config for reports: teacher, lit, dydit or dylit."""
+    return family_of(cfg).student_kind(cfg)
 
 
-def build_model(name: str | DiTConfig, **overrides: Any) -> DiT:
-    """`build_model("dydit-s/2", depth=2, hidden_size=64, input_size=8)` → a DiT module."""
-    cfg = name if isinstance(name, DiTConfig) else model_config(name, **overrides)
-    return DiT(cfg)
+def build_model(name: str | Any, **overrides: Any) -> nn.Module:
+    """`build_model("dydit-s/2", depth=2, hidden_size=64, input_size=8)` → a module (or from a config)."""
+    cfg = model_config(name, **overrides) if isinstance(name, str) else name
+    return family_of(cfg).build(cfg)

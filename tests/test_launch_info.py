@@ -15,8 +15,8 @@ def run_json(capsys, *argv):
 def test_json_gflops_match_dit_paper(capsys, name, paper):
     out = run_json(capsys, name)
     assert out["gflops"] == pytest.approx(paper, rel=0.01)
-    assert out["tokens"] == 256 and out["model"] == name
-    parts = sum(out["gflops_blocks_total"].values()) + sum(out["gflops_embed"].values())
+    assert out["tokens"] == 256 and out["model"] == name and out["family"] == "dit"
+    parts = sum(out["gflops_parts"].values())
     assert parts == pytest.approx(out["gflops"], rel=1e-9)  # the split adds up to the total
 
 
@@ -32,16 +32,16 @@ def test_parameter_groups_add_up_and_match_official_dit_xl(capsys):
 def test_dynamic_model_with_overrides(capsys):
     out = run_json(capsys, "dydit-xl/2", "input_size=64")
     assert out["tokens"] == 1024 and out["overrides"] == {"input_size": 64} and out["dynamic"]
-    assert out["params"]["routers"] > 0 and out["gflops_per_block"]["routers"] > 0
+    assert out["params"]["routers"] > 0 and out["gflops_parts"]["routers"] > 0
     assert out["gflops"] > 4 * 118  # quadratic attention makes 4x tokens cost more than 4x
 
 
 def test_linear_attention_counted_as_computed(capsys):
     lit = run_json(capsys, "lit-s/2")
     dit = run_json(capsys, "dit-s/2")
-    assert lit["attention"] == "linear" and lit["num_heads"] == 2
-    assert lit["gflops_per_block"]["attn"] < dit["gflops_per_block"]["attn"]
-    assert lit["gflops_per_block"]["mlp"] == dit["gflops_per_block"]["mlp"]
+    assert lit["attention"] == "linear" and lit["config"]["num_heads"] == 2 and lit["kind"] == "lit"
+    assert lit["gflops_parts"]["attention"] < dit["gflops_parts"]["attention"]
+    assert lit["gflops_parts"]["mlp"] == dit["gflops_parts"]["mlp"]
 
 
 def test_table_output(capsys):

@@ -143,9 +143,9 @@ def test_corrupt_file_is_a_clear_error(tmp_path, suffix):
         load_pretrained(path)
 
 
-def test_non_dit_state_dict_is_named(tmp_path):
+def test_state_dict_of_no_family_is_named(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a DiT checkpoint"):
+    with pytest.raises(CheckpointError, match="other.pt: cannot tell which model family.*no family recognises it.*encoder.weight"):
         load_pretrained(tmp_path / "other.pt")
 
 

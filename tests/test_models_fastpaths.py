@@ -86,7 +86,7 @@ def test_inference_caches_give_the_uncached_and_masked_outputs(name):
         hit = m(x, t, y)
         m.dynamic_exec = "masked"
         masked = m(x, t, y)
-    assert all(len(block._plans) == 1 for block in m.blocks)
+    assert all(len(block.plans) == 1 for block in m.blocks)
     assert torch.equal(miss, ref) and torch.equal(hit, ref)
     assert torch.equal(aux["head_masks"], aux_ref["head_masks"].detach())
     torch.testing.assert_close(hit, masked, rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_per_sample_timesteps_are_not_cached():
         out = m(x, t, y)
         m.dynamic_exec = "masked"
         masked = m(x, t, y)
-    assert not any(block._plans for block in m.blocks)
+    assert not any(len(block.plans) for block in m.blocks)
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
 
 
@@ -164,7 +164,7 @@ def test_cached_inference_follows_in_place_weight_updates_and_train_drops_the_ca
     torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
     assert any(block.mlp._slices._value for block in m.blocks)
     m.train()
-    assert not any(block._plans or block.mlp._slices._value or block.attn._qkv_slices._value for block in m.blocks)
+    assert not any(len(block.plans) or block.mlp._slices._value or block.attn._qkv_slices._value for block in m.blocks)
 
 
 def test_cached_inference_runs_under_fsdp2():

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import DiT, DiTConfig, build_model, model_config
+from models import build_model, family_of, model_config
 from models.convert import weights_digest
 from models.diffusion import build_objective as _build_objective
 from models.inherit import InheritReport, default_exclude, inherit_weights
@@ -24,28 +24,37 @@ def build_objective(cfg: RunConfig):
     d = cfg.diffusion
     if d.objective == "gaussian":
         return _build_objective("gaussian", num_timesteps=d.num_timesteps, timestep_sampling=d.timestep_sampling)
-    sampling = "uniform" if d.timestep_sampling in ("uniform", "stratified") else d.timestep_sampling
-    return _build_objective("flow", timestep_sampling=sampling)
+    return _build_objective(
+        "flow", timestep_sampling=d.timestep_sampling, logit_mean=d.logit_mean, logit_std=d.logit_std, shift=d.shift,
+        dynamic_shift=d.dynamic_shift, base_shift=d.base_shift, max_shift=d.max_shift, base_seq_len=d.base_seq_len,
+        max_seq_len=d.max_seq_len,
+    )
 
 
-def student_config(cfg: RunConfig) -> DiTConfig:
+def student_config(cfg: RunConfig) -> Any:
     try:
         return model_config(cfg.student.model, **dict(cfg.student.args))
     except ValueError as e:
         raise ConfigError(f"config student.model={cfg.student.model!r} / student.args: {e}") from e
 
 
-def check_pair(student: DiTConfig, teacher: DiTConfig) -> None:
-    """Teacher and student must read the same inputs and write the same outputs."""
-    for key in ("input_size", "in_channels", "learn_sigma", "num_classes", "patch_size"):
-        if getattr(student, key) != getattr(teacher, key):
-            raise ConfigError(
-                f"student/teacher shape mismatch: student.args.{key}={getattr(student, key)!r} but the teacher "
-                f"has {key}={getattr(teacher, key)!r}; set student.args.{key} to match"
-            )
+def check_pair(student: Any, teacher: Any) -> None:
+    """Teacher and student must be of one family, read the same inputs and write the same outputs."""
+    fs, ft = family_of(student), family_of(teacher)
+    if fs is not ft:
+        raise ConfigError(f"student {cfg_name(student)} is of the {fs.name} family but the teacher is of the "
+                          f"{ft.name} family; distil within one family")
+    try:
+        fs.check_pair(student, teacher)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
-def teacher_identity(path: str, teacher_cfg: DiTConfig) -> dict[str, Any]:
+def cfg_name(cfg: Any) -> str:
+    return f"{type(cfg).__name__}({family_of(cfg).student_kind(cfg)})"
+
+
+def teacher_identity(path: str, teacher_cfg: Any) -> dict[str, Any]:
     """Path, content hash and architecture of the teacher, stored in every checkpoint manifest.
 
     safetensors files are hashed by their tensors and metadata (`weights_digest`), not their bytes:
@@ -65,7 +74,7 @@ def teacher_identity(path: str, teacher_cfg: DiTConfig) -> dict[str, Any]:
     return {"path": str(p), "sha256": h.hexdigest(), "config_hash": arch}
 
 
-def load_teacher(cfg: RunConfig) -> tuple[DiT | None, dict[str, Any]]:
+def load_teacher(cfg: RunConfig) -> tuple[nn.Module | None, dict[str, Any]]:
     """The frozen teacher on the CPU (or None with `teacher: null`) and its identity."""
     if cfg.teacher is None:
         return None, {}
@@ -77,7 +86,7 @@ def load_teacher(cfg: RunConfig) -> tuple[DiT | None, dict[str, Any]]:
     return teacher, teacher_identity(cfg.teacher.path, teacher.config)
 
 
-def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[DiT, InheritReport | None]:
+def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module, InheritReport | None]:
     """The student, initialised as `student.init` says (inheritance follows LiT/DyDiT's rules)."""
     model = build_model(student_config(cfg))
     init = cfg.student.init

@@ -19,7 +19,7 @@ from data.config import DataConfig
 @dataclass
 class StudentConfig:
     model: str = "lit-s/2"  # registry name (models/registry.py)
-    args: Dict[str, Any] = field(default_factory=dict)  # DiTConfig overrides, e.g. {depth: 2}
+    args: Dict[str, Any] = field(default_factory=dict)  # the family config's overrides, e.g. {depth: 2}
     init: str = "inherit"  # inherit (from the teacher) | random | path
     init_path: Optional[str] = None  # with init=path: a checkpoint any format load_pretrained reads
     inherit_exclude: Optional[List[str]] = None  # key patterns not copied; None = the family's rule
@@ -37,8 +37,17 @@ class TeacherConfig:
 @dataclass
 class DiffusionConfig:
     objective: str = "gaussian"  # gaussian (DDPM, learned sigma) | flow (rectified flow)
-    num_timesteps: int = 1000
-    timestep_sampling: str = "uniform"  # uniform | stratified (DyDiT's --t_sample)
+    num_timesteps: int = 1000  # gaussian: discrete steps
+    # gaussian: uniform | stratified (DyDiT's --t_sample); flow: uniform | logit_normal (SD3's)
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0  # flow, logit_normal: t = sigmoid(N(mean, std²))
+    logit_std: float = 1.0
+    shift: float = 1.0  # flow: SD3's fixed time shift s (1 = none)
+    dynamic_shift: bool = False  # flow: FLUX's resolution-dependent shift, mu linear in the image tokens
+    base_shift: float = 0.5  # mu at base_seq_len image tokens (FLUX: 0.5 at 256)
+    max_shift: float = 1.15  # mu at max_seq_len image tokens (FLUX: 1.15 at 4096)
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
     cfg_dropout: float = 0.1  # guidance dropout, one draw shared by teacher and student
 
 
@@ -146,7 +155,7 @@ CHOICES = {
     "teacher.prefer": ("ema", "model"),
     "teacher.dtype": ("auto", "fp32", "bf16"),
     "diffusion.objective": ("gaussian", "flow"),
-    "diffusion.timestep_sampling": ("uniform", "stratified"),
+    "diffusion.timestep_sampling": ("uniform", "stratified", "logit_normal"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "optim.fused": ("auto", "torch", "apex", "none"),
     "engine.kind": ("auto", "single", "ddp", "fsdp", "deepspeed"),
@@ -195,7 +204,7 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             "change train.global_batch or train.micro_batch",
         )
     cfg.train.micro_batch = micro
-    cfg.data.batch_size = micro
+    cfg.data.batch_size = micro  # derived, never a setting of its own (see load_config)
     if not 0.0 < cfg.dynamic.flops_target <= 1.0:
         raise _fail("dynamic.flops_target", cfg.dynamic.flops_target, "λ must lie in (0, 1]")
     for key in ("distill.lambda_noise", "distill.lambda_var", "distill.diffusion_weight", "optim.weight_decay", "optim.grad_clip"):
@@ -205,6 +214,11 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
         raise _fail("dynamic.router_lr_mult", cfg.dynamic.router_lr_mult, "must be > 0")
     if cfg.optim.lr <= 0:
         raise _fail("optim.lr", cfg.optim.lr, "must be > 0")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise _fail("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.optim.eps <= 0:
+        raise _fail("optim.eps", cfg.optim.eps, "must be > 0")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise _fail("ema.decay", cfg.ema.decay, "in [0, 1)")
     if not 0.0 <= cfg.diffusion.cfg_dropout < 1.0:
@@ -269,20 +283,31 @@ def load_config(
     """YAML file, then `key.sub=value` overrides, typed against `RunConfig`, then validated."""
     schema = OmegaConf.structured(RunConfig)
     try:
-        merged = schema
+        user = OmegaConf.create()
         if path is not None:
             p = Path(path)
             if not p.exists():
                 raise ConfigError(f"config file {str(p)!r} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+            user = OmegaConf.load(p)
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value; got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(schema, user)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, schema) from None
-    return validate(cfg, world_size_from_env() if world_size is None else world_size)
+    cfg = validate(cfg, world_size_from_env() if world_size is None else world_size)
+    asked = OmegaConf.select(user, "data.batch_size", default=None)
+    if asked is not None and asked != cfg.train.micro_batch:  # a saved config.yaml holds the derived value
+        raise _fail("data.batch_size", asked,
+                    f"not a setting: the per-rank batch is train.micro_batch ({cfg.train.micro_batch} here: "
+                    f"train.global_batch={cfg.train.global_batch} / world size); remove data.batch_size and set "
+                    "train.global_batch or train.micro_batch")
+    from trainer.validate import validate_models
+
+    validate_models(cfg)
+    return cfg
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -1,27 +1,33 @@
 """Sample grids and router maps during training. Every rank runs them (sharded models need all
-ranks in the forward); only rank 0 writes what they produce."""
+ranks in the forward); only rank 0 writes what they produce. Family-agnostic: shapes come from the
+family (`latent_shape`), conditions from the family and a batch of the run's data (`eval_condition`)."""
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 
+from models import family_of
 from models.diffusion.samplers import sample
 from trainer.config import SampleConfig
 
 
-def fixed_inputs(model, cfg: SampleConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """The same noise and labels at every evaluation, so grids are comparable across steps."""
+def fixed_inputs(model, cfg: SampleConfig, device: torch.device, batch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict]:
+    """The same noise and condition at every evaluation, so grids are comparable across steps."""
     g = torch.Generator().manual_seed(cfg.seed)
-    mc = model.config
-    noise = torch.randn(cfg.num, mc.in_channels, mc.input_size, mc.input_size, generator=g).to(device)
-    labels = (torch.arange(cfg.num) % mc.num_classes).to(device)
-    return noise, model.condition({"y": labels})
+    family = family_of(model)
+    shape = family.latent_shape(model.config)
+    noise = torch.randn(cfg.num, *shape, generator=g).to(device)
+    cond = family.eval_condition(model, cfg.num, batch)
+    return noise, {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
 
 
 @torch.no_grad()
-def sample_images(module, raw_model, objective, cfg: SampleConfig, device: torch.device, autocast) -> torch.Tensor:
+def sample_images(module, raw_model, objective, cfg: SampleConfig, device: torch.device, autocast,
+                  batch: Mapping[str, Any] | None = None) -> torch.Tensor:
     was_training = module.training
     module.eval()
-    noise, cond = fixed_inputs(raw_model, cfg, device)
+    noise, cond = fixed_inputs(raw_model, cfg, device, batch)
     null = raw_model.null_condition(cond) if cfg.cfg_scale != 1.0 else None
     with autocast:
         x = sample(
@@ -33,26 +39,28 @@ def sample_images(module, raw_model, objective, cfg: SampleConfig, device: torch
             cfg_scale=cfg.cfg_scale,
             steps=cfg.steps,
             method=cfg.method,
-            seq_len=raw_model.config.num_tokens,
+            seq_len=family_of(raw_model).image_tokens(raw_model.config, tuple(noise.shape[-2:])),
         )
     module.train(was_training)
     return x.float()
 
 
 @torch.no_grad()
-def router_map(module, raw_model, objective, device: torch.device, points: int = 32) -> dict[str, torch.Tensor]:
+def router_map(module, raw_model, objective, device: torch.device, points: int = 32,
+               batch: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Active-unit fraction per (layer, unit) against timestep: {"heads": (L·H, T), "channels": (L·G, T)}.
 
     Width masks depend on t alone, so one forward over a batch of `points` timesteps (with any
-    input) reads them all; the same forward runs on every rank.
+    input, the null condition) reads them all; the same forward runs on every rank.
     """
-    mc = raw_model.config
+    family = family_of(raw_model)
     was_training = module.training
     module.eval()
     t = objective.sampling_timesteps(points, "ddim" if objective.kind == "gaussian" else "euler").to(device)
-    x = torch.zeros(len(t), mc.in_channels, mc.input_size, mc.input_size, device=device)
-    y = raw_model.null_condition(raw_model.condition({"y": torch.zeros(len(t), dtype=torch.long, device=device)}))
-    _, aux = module(x, t, **y, return_aux=True)
+    x = torch.zeros(len(t), *family.latent_shape(raw_model.config), device=device)
+    cond = family.eval_condition(raw_model, len(t), batch)
+    cond = raw_model.null_condition({k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()})
+    _, aux = module(x, t, **cond, return_aux=True)
     module.train(was_training)
     heads = aux["head_masks"].float()  # (T, L, H)
     chans = aux["channel_masks"].float()

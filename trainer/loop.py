@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data import build_loader
+from models import family_of
 from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
 from trainer.checkpoint import (
     CheckpointError, Checkpointer, check_teacher, config_changes, rng_state, set_rng_state, step_dir_name,
@@ -105,6 +106,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
     result = RunResult(step=start)
     step = start
     sums: dict[str, float] = {}
+    eval_batch = None  # the condition rows evaluation samples use (text families): from the first batch
     try:
         while step < cfg.train.steps:
             watchdog.arm(f"step {step + 1}")
@@ -115,6 +117,8 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
             for a in range(accum):
                 with watch.section("data"):
                     batch = faults.batch(step + 1, env.rank, next(data_iter))
+                if eval_batch is None:
+                    eval_batch = _eval_rows(batch, engine.raw_student, cfg.sample.num)
                 with engine.accumulate(a == accum - 1):
                     micro = step_fn(batch, step, watch, 1.0 / accum)
                 for k, v in micro.items():
@@ -137,7 +141,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
             monitor.progress(step, float(terms["loss"]))
             if _every(step, cfg.sample.every):
                 watchdog.arm(f"evaluation after step {step}")
-                _evaluate(cfg, engine, objective, monitor, step)
+                _evaluate(cfg, engine, objective, monitor, step, eval_batch)
             if _every(step, cfg.checkpoint.every) or stop or step == cfg.train.steps:
                 watchdog.arm(f"checkpoint of step {step}")
                 _save(ckpt, engine_app=app, state=state, loader=loader, step_fn=step_fn, step=step, blocking=stop or step == cfg.train.steps)
@@ -243,15 +247,21 @@ def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_tim
     return values
 
 
-def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int) -> None:
-    """Sample grids from fixed noise and labels on every rank; the EMA student beside the teacher."""
+def _eval_rows(batch: dict, model, n: int) -> dict:
+    """Copies of the first `n` rows of the keys the model's condition reads (the loader reuses its buffers)."""
+    keys = family_of(model).conditioning(model.config).batch_keys
+    return {k: batch[k][:n].clone() for k in keys if k in batch}
+
+
+def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int, batch: dict | None) -> None:
+    """Sample grids from fixed noise and conditions on every rank; the EMA student beside the teacher."""
     raw = engine.raw_student
     grids = {}
     for i, (name, module) in enumerate(engine.eval_modules()):
-        grids[name] = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast())
+        grids[name] = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast(), batch)
         monitor.images(step, f"samples/{name}", grids[name])
         if i == 0 and raw.config.dynamic:  # the routers of the student (its EMA when there is one)
-            for k, m in router_map(module, raw, objective, engine.env.device).items():
+            for k, m in router_map(module, raw, objective, engine.env.device, batch=batch).items():
                 monitor.heatmap(step, f"routers/{k}", m)
     if len(grids) > 1:  # each cell: student | teacher, same noise and label
         monitor.images(step, "samples/" + "_vs_".join(grids), torch.cat(list(grids.values()), dim=-1))

@@ -9,10 +9,12 @@ from trainer.config import EngineConfig
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    blocks = getattr(model, "blocks", None)
+    """Every stack's transformer blocks, in order (the family protocol's `all_blocks`)."""
+    blocks = getattr(model, "all_blocks", None)
     if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no `blocks`; cannot apply per-block wrapping")
-    return list(blocks)
+        raise TypeError(f"{type(model).__name__} has no `all_blocks()`: not a model of a registered family "
+                        "(see models/family.py); cannot apply per-block wrapping")
+    return list(blocks())
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: EngineConfig) -> int:

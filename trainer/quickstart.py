@@ -275,15 +275,17 @@ def classifier_stage(opts: Options):
 
 def fixed_batch(model, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise and labels every model is sampled from: classes 0..9 in turn."""
+    from models import family_of
+
     g = torch.Generator().manual_seed(seed)
-    mc = model.config
-    noise = torch.randn(n, mc.in_channels, mc.input_size, mc.input_size, generator=g)
-    return noise, torch.arange(n) % mc.num_classes
+    noise = torch.randn(n, *family_of(model).latent_shape(model.config), generator=g)
+    return noise, torch.arange(n) % model.config.num_classes
 
 
 def generate(model, objective, noise: torch.Tensor, labels: torch.Tensor, ev: EvalSettings,
              on_aux: Callable[[dict], None] | None = None, steps: int | None = None) -> torch.Tensor:
     """Guided samples in [-1, 1] from `model` in eval mode (a dynamic model runs its sliced path)."""
+    from models import family_of
     from models.diffusion.samplers import sample
 
     model.eval()
@@ -298,7 +300,8 @@ def generate(model, objective, noise: torch.Tensor, labels: torch.Tensor, ev: Ev
 
     null = model.null_condition(cond) if ev.cfg_scale != 1.0 else None  # guidance needs the null class
     x = sample(fn, objective, noise, cond, null_cond=null, cfg_scale=ev.cfg_scale,
-               steps=steps or ev.steps, method=ev.method, seq_len=model.config.num_tokens)
+               steps=steps or ev.steps, method=ev.method,
+               seq_len=family_of(model).image_tokens(model.config, tuple(noise.shape[-2:])))
     return x.float().clamp(-1, 1)
 
 
@@ -315,14 +318,15 @@ def save_grid(images: torch.Tensor, path: Path, per_class: int = 10, classes: in
 def flops_of(model, aux_records: list[dict]) -> dict:
     """GFLOPs per forward per sample: static for a static model; for a dynamic one what the routers
     actually switched on while sampling (whole model), and the DyDiT ratio (attention + MLP only)."""
-    from models.flops import realised_flops, static_gflops
+    from models import family_of
 
-    cfg = model.config
-    rec = {"gflops_static": static_gflops(cfg)}
+    cfg, family = model.config, family_of(model)
+    latent_hw = family.latent_shape(cfg)[1:]
+    rec = {"gflops_static": family.flops(cfg, latent_hw)["total"] / 1e9}
     if not cfg.dynamic:
         rec["gflops"] = rec["gflops_static"]
         return rec
-    flops = torch.cat([realised_flops(cfg, a) for a in aux_records])
+    flops = torch.cat([family.realised_flops(cfg, a, latent_hw) for a in aux_records])
     ratio = torch.cat([a["flops_ratio"] for a in aux_records])
     rec["gflops"] = float(flops.mean()) / 1e9
     rec["flops_ratio"] = float(ratio.mean())  # per forward, averaged over every sample and step

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from models import family_of
 from models.losses import FlopsLoss, HybridDistillLoss
 from trainer.config import RunConfig
 from trainer.engines.base import Engine
@@ -51,6 +52,7 @@ class DistillStep:
         self.objective = objective
         self.engine = engine
         self.model = engine.raw_student
+        self.family = family_of(self.model)
         self.shared = torch.Generator(device=engine.env.device).manual_seed(cfg.train.seed)
         mcfg = self.model.config
         self.kd = HybridDistillLoss(cfg.distill.lambda_noise, cfg.distill.lambda_var, mcfg.in_channels)
@@ -87,7 +89,8 @@ class DistillStep:
         env, b = self.engine.env, x0.shape[0]
         world = env.world_size
         shape = (b * world, *x0.shape[1:])
-        t = self.objective.sample_timesteps(b * world, x0.device, self.shared, seq_len=self.model.config.num_tokens)
+        seq_len = self.family.image_tokens(self.model.config, tuple(x0.shape[-2:]))
+        t = self.objective.sample_timesteps(b * world, x0.device, self.shared, seq_len=seq_len)
         noise = torch.randn(shape, generator=self.shared, device=x0.device, dtype=x0.dtype)
         drop = torch.rand(b * world, generator=self.shared, device=x0.device) < self.cfg.diffusion.cfg_dropout
         mine = slice(env.rank * b, (env.rank + 1) * b)

@@ -1,0 +1,225 @@
+"""Reading weight files of any family's formats into plain state dicts, safely.
+
+Family-agnostic: which file of a directory holds the weights, safetensors (single or sharded with an
+index), pickles read with `torch.load(weights_only=True)` (nothing but tensors, containers and
+`argparse.Namespace` — DiT's training checkpoints store their args that way — is ever unpickled),
+training-checkpoint wrappers (`ema`/`model`, `state_dict`, `module`) and DDP/compile prefixes. A
+family's converter then maps the names onto its own.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import pickle
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+log = logging.getLogger("models.convert")
+
+CONFIG_METADATA_KEY = "ditill.config"  # safetensors metadata: the model config as JSON
+FAMILY_METADATA_KEY = "ditill.family"  # safetensors metadata: the family's name (absent in first-wave files: dit)
+WRAPPER_KEYS = ("state_dict", "module")  # other trainers' wrappers (PixArt, DeepSpeed/DyDiT)
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.diffusion_model.")  # DDP, torch.compile, ComfyUI-style FLUX files
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the path."""
+
+
+def is_diffusers_state_dict(sd: Mapping[str, Any]) -> bool:
+    """diffusers' transformers name their blocks `transformer_blocks.i` (all of DiT, PixArt, FLUX)."""
+    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in sd) or "proj_out_2.weight" in sd
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order.
+
+    Not the file's own hash: safetensors writes its metadata map in a per-process random order, so
+    exporting the same checkpoint twice gives different bytes for the same weights.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key).contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class RawWeights:
+    """A weights file as read, before any family maps its names.
+
+    `ours`: our config from the safetensors metadata (then the names are already ours) and `family`
+    the family named there (first-wave files have a config but no family: DiT). `diffusers_config`:
+    a diffusers `config.json` (in the directory, or beside a file of diffusers names).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str  # "safetensors" (ours) | "official" | "diffusers"
+    source: str
+    ours: dict | None = None
+    family: str | None = None
+    diffusers_config: dict | None = None
+
+
+def read_any(path: str | os.PathLike, prefer: str = "ema") -> RawWeights:
+    """Read a file or diffusers directory of any supported format (see the module docstring)."""
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer={prefer!r}; use 'ema' or 'model'")
+    p = Path(path)
+    source = str(p)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"checkpoint not found: {source} (pass a .pt/.pth/.bin/.safetensors file or a diffusers directory)"
+        )
+    if p.is_dir():
+        sd, diff_cfg = read_diffusers_dir(p)
+        return RawWeights(sd, "diffusers", source, diffusers_config=diff_cfg)
+    if p.suffix == ".safetensors":
+        sd, meta = read_safetensors(p)
+        raw = meta.get(CONFIG_METADATA_KEY)
+        if raw is not None:
+            try:
+                ours = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON: {e}") from e
+            return RawWeights(sd, "safetensors", source, ours=ours, family=meta.get(FAMILY_METADATA_KEY, "dit"))
+        sd = strip_prefixes(sd)
+    else:
+        sd = unwrap(torch_load(p), prefer, source)
+    fmt = "diffusers" if is_diffusers_state_dict(sd) else "official"
+    return RawWeights(sd, fmt, source, diffusers_config=sibling_diffusers_config(p) if fmt == "diffusers" else None)
+
+
+def read_diffusers_dir(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json) of a diffusers model directory, or of a pipeline's `transformer/`."""
+    if (d / "model_index.json").is_file() and (d / "transformer").is_dir():
+        d = d / "transformer"  # a pipeline directory
+    cfg_path = d / "config.json"
+    weights = next((d / n for n in DIFFUSERS_WEIGHTS if (d / n).is_file()), None)
+    if not cfg_path.is_file() or weights is None:
+        found = sorted(x.name for x in d.iterdir())[:10]
+        raise CheckpointError(
+            f"{d}: not a diffusers model directory (needs config.json and one of {list(DIFFUSERS_WEIGHTS)}; "
+            f"found {found}). Variant files (e.g. *.fp16.safetensors) must be renamed or converted first."
+        )
+    try:
+        diff_cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable config.json: {e}") from e
+    if weights.name.endswith(".index.json"):
+        sd = read_sharded(weights)
+    elif weights.suffix == ".safetensors":
+        sd = read_safetensors(weights)[0]
+    else:
+        sd = unwrap(torch_load(weights), "ema", str(weights))
+    return sd, diff_cfg
+
+
+def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: unreadable shard index: {e}") from e
+    sd: dict[str, torch.Tensor] = {}
+    for name in shards:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise FileNotFoundError(f"checkpoint shard not found: {shard} (listed in {index})")
+        sd.update(read_safetensors(shard)[0] if shard.suffix == ".safetensors" else torch_load(shard))
+    return sd
+
+
+def sibling_diffusers_config(p: Path) -> dict | None:
+    cfg = p.parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg}: unreadable config.json beside {p.name}: {e}") from e
+
+
+def read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{p}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def torch_load(p: Path) -> Any:
+    """weights_only=True: tensors, containers and primitives only; code is never executed."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg:  # a class or function the file would import and call
+            m = re.search(r"GLOBAL (\S+)", msg)
+            what = f" (it contains {m.group(1)})" if m else ""
+            raise CheckpointError(
+                f"{p}: refused to unpickle objects other than tensors{what}; weights are only read with "
+                "torch.load(weights_only=True). Re-save a plain state dict (torch.save(model.state_dict())) "
+                "or safetensors from a trusted environment."
+            ) from e
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", msg, re.S)  # torch's wording for bad opcodes
+        detail = m.group(1).strip().splitlines()[0] if m else msg.splitlines()[0]
+        raise CheckpointError(f"{p}: unreadable checkpoint (corrupt pickle: {detail})") from e
+    except Exception as e:  # truncated zip, wrong format, …
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{p}: unreadable checkpoint ({type(e).__name__}: {first})") from e
+
+
+def unwrap(obj: Any, prefer: str, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint: `{"model", "ema", ...}` or other wrappers."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if "ema" in obj or "model" in obj:
+            key = prefer if prefer in obj else ("model" if "model" in obj else "ema")
+            if key != prefer:
+                log.warning("%s: no %r weights, using %r", source, prefer, key)
+            obj = obj[key]
+        elif any(k in obj for k in WRAPPER_KEYS) and not all(torch.is_tensor(v) for v in obj.values()):
+            obj = obj[next(k for k in WRAPPER_KEYS if k in obj)]
+        else:
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source}: no state dict found (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{source}: entries that are not tensors: {few(bad)}; not a state dict")
+    return strip_prefixes(dict(obj))
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in STRIP_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
