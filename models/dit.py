@@ -50,11 +50,14 @@ class DiTBlock(nn.Module):
         grid_hw: tuple[int, int],
         mode: str,
         plan_key: tuple | None = None,
+        seeds: torch.Tensor | None = None,
+        salt: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """mode: "static" (every unit), "masked" (train path) or "sliced" (inference path).
 
         `plan_key` names the shared timestep of a sliced, no-grad forward (see `DiT.plan_key`): the
-        width plan is then looked up per timestep instead of running the routers.
+        width plan is then looked up per timestep instead of running the routers. `seeds` (B,) and
+        `salt` (distinct per block) make the routers' training noise per-sample (models/rng.py).
         """
         ops = get_ops(self.kernels, x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -66,7 +69,7 @@ class DiTBlock(nn.Module):
         if plan_key is not None:
             plan = self.cached_width_plan(t_emb, plan_key)
         else:
-            plan = self.width_plan(t_emb, sliced=mode == "sliced")
+            plan = self.width_plan(t_emb, sliced=mode == "sliced", seeds=seeds, salt=salt)
         h = ops.modulate_layernorm(x, shift_msa, scale_msa, LN_EPS)
         if mode == "masked":
             x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, head_mask=plan.head_mask))
@@ -74,7 +77,7 @@ class DiTBlock(nn.Module):
             x = ops.gated_residual(x, gate_msa, self.attn(h, grid_hw, heads=plan.heads))
 
         b, n, _ = x.shape
-        token_mask = self.token_selection(x) if self.token_routing else x.new_ones(b, n, dtype=torch.float32)
+        token_mask = self.token_selection(x, seeds, salt + 2) if self.token_routing else x.new_ones(b, n, dtype=torch.float32)
         h = ops.modulate_layernorm(x, shift_mlp, scale_mlp, LN_EPS)
         if mode == "masked":
             x = token_masked_residual(x, self.mlp(h, unit_mask=plan.group_mask.unsqueeze(1)), gate_mlp, token_mask)
@@ -82,9 +85,9 @@ class DiTBlock(nn.Module):
             x = token_routed_residual(x, h, gate_mlp, token_mask, self.mlp, plan.groups, ops)
         return x, {"head": plan.head_mask, "channel": plan.group_mask, "token": token_mask}
 
-    def width_plan(self, t_emb: torch.Tensor, sliced: bool) -> WidthPlan:
+    def width_plan(self, t_emb: torch.Tensor, sliced: bool, seeds: torch.Tensor | None = None, salt: int = 0) -> WidthPlan:
         """The head and channel-group routers' decision for timestep embeddings `t_emb` (B, D)."""
-        return WidthPlan.build(self.attn_rate(t_emb), self.mlp_rate(t_emb), sliced)
+        return WidthPlan.build(self.attn_rate(t_emb, seeds, salt), self.mlp_rate(t_emb, seeds, salt + 1), sliced)
 
     def cached_width_plan(self, t_emb: torch.Tensor, key: tuple) -> WidthPlan:
         """`width_plan` for a batch sharing one timestep, computed once per `key` (see WidthPlanCache)."""
@@ -242,10 +245,12 @@ class DiT(nn.Module):
         *,
         return_aux: bool = False,
         complete: bool = False,
+        seeds: torch.Tensor | None = None,
     ):
         """x: (B, C, H, W); t: (B,) diffusion timesteps as the embedder expects them; y: (B,) labels.
 
         `complete=True` runs a dynamic model with every unit on (DyDiT's complete-model warm-up).
+        `seeds` (B,) int64: per-sample seeds of the routers' training noise (block i uses salts 8i…8i+2).
         """
         grid_hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = x.to(self.x_embedder.proj.weight.dtype)  # bf16 under an FSDP mixed-precision policy
@@ -255,8 +260,8 @@ class DiT(nn.Module):
         mode = self._exec_mode(complete)
         key = self.plan_key(t, t_emb, mode)
         masks = []
-        for block in self.blocks:
-            h, block_masks = block(h, c, t_emb, grid_hw, mode, plan_key=key)
+        for i, block in enumerate(self.blocks):
+            h, block_masks = block(h, c, t_emb, grid_hw, mode, plan_key=key, seeds=seeds, salt=8 * i)
             if block_masks is not None:
                 masks.append(block_masks)
         out = self.unpatchify(self.final_layer(h, c), grid_hw)

@@ -16,17 +16,33 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models.rng import counter_logistic
 
-def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, threshold: float = 0.5) -> torch.Tensor:
+
+def gumbel_sigmoid_ste(
+    logits: torch.Tensor,
+    tau: float,
+    training: bool,
+    threshold: float = 0.5,
+    seeds: torch.Tensor | None = None,
+    salt: int = 0,
+) -> torch.Tensor:
     """Hard 0/1 decisions in the forward pass, sigmoid gradients in the backward pass.
 
     In training, logistic noise (the difference of two Gumbel samples) explores both decisions;
-    in eval the decision is the deterministic `sigmoid(logits) > threshold`.
+    in eval the decision is the deterministic `sigmoid(logits) > threshold`. With per-sample
+    `seeds` ((B,) int64) the noise is a pure function of (seed, salt, unit), so it does not depend
+    on the rank, the batch or an activation-checkpoint replay (`models/rng.py`); without, it comes
+    from the global RNG.
     """
     if training:
-        g1 = -torch.empty_like(logits).exponential_().log()
-        g2 = -torch.empty_like(logits).exponential_().log()
-        soft = torch.sigmoid((logits + g1 - g2) / tau)
+        if seeds is not None:
+            noise = counter_logistic(seeds.to(logits.device), salt, logits[0].numel()).view_as(logits)
+        else:
+            g1 = -torch.empty_like(logits).exponential_().log()
+            g2 = -torch.empty_like(logits).exponential_().log()
+            noise = g1 - g2
+        soft = torch.sigmoid((logits + noise) / tau)
     else:
         soft = torch.sigmoid(logits)
     hard = (soft > threshold).to(soft.dtype)
@@ -45,12 +61,12 @@ class Router(nn.Module):
         self.threshold = threshold
         self.router = nn.Linear(dim, num_units - 1) if num_units > 1 else None
 
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, t_emb: torch.Tensor, seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, D) → (B, num_units) mask with column 0 fixed to 1."""
         ones = torch.ones(t_emb.shape[0], 1, device=t_emb.device, dtype=torch.float32)
         if self.router is None:
             return ones
-        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold)
+        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold, seeds, salt)
         return torch.cat([ones, gate], dim=1)
 
 
@@ -64,10 +80,10 @@ class TokenSelect(nn.Module):
         self.tau = tau
         self.threshold = threshold
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, N, D) → (B, N) token mask."""
         logits = self.mlp_head(x).squeeze(-1).float()
-        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold)
+        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold, seeds, salt)
 
 
 @dataclass

@@ -65,9 +65,11 @@ class FlopsLoss:
         self.warmup_steps = warmup_steps
         self.hold_steps = hold_steps
 
-    def __call__(self, ratio: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, ratio: torch.Tensor, step: int, mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`ratio` (B,) per-sample ratios; `mean`: their batch mean if computed elsewhere (the trainer
+        passes the mean over every rank's samples, so the loss does not depend on the world size)."""
         tgt = flops_target(step, self.target, self.warmup_steps, self.hold_steps)
-        mean = ratio.float().mean()
+        mean = ratio.float().mean() if mean is None else mean
         return {
             "flops": self.weight * (mean - tgt) ** 2,
             "flops_ratio": mean.detach(),

@@ -49,6 +49,8 @@ class DiffusionConfig:
     base_seq_len: int = 256
     max_seq_len: int = 4096
     cfg_dropout: float = 0.1  # guidance dropout, one draw shared by teacher and student
+    # guidance value fed to a guidance-distilled model (FLUX-dev), drawn per sample from [min, max]
+    guidance_range: List[float] = field(default_factory=lambda: [3.5, 3.5])
 
 
 @dataclass

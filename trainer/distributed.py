@@ -122,3 +122,20 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is True on any rank."""
     return agree([flag], device)[0]
+
+
+def global_batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample values over every rank's micro-batch, differentiable.
+
+    A loss that is nonlinear in a batch mean (DyDiT's FLOPs loss, (mean r − λ)²) must see the global
+    micro-batch's mean, or a run on N ranks optimises a different objective than one process. The
+    backward of the all-reduce sums every rank's gradient of the (identical) loss, which DDP/FSDP
+    then average: each sample's gradient is exactly the single-process one.
+    """
+    total = x.float().sum()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total)
+    return total / (x.numel() * world)

@@ -90,7 +90,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
     )
     app = engine.checkpoint_state()
     state = {"step": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
-    start = _resume(cfg, env, ckpt, app, state, loader, step_fn, teacher_id)
+    start = _resume(cfg, env, ckpt, app, state, loader, teacher_id)
 
     monitor = Monitor(run_dir, env, cfg.train.steps, start)
     monitor.text(
@@ -120,7 +120,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                 if eval_batch is None:
                     eval_batch = _eval_rows(batch, engine.raw_student, cfg.sample.num)
                 with engine.accumulate(a == accum - 1):
-                    micro = step_fn(batch, step, watch, 1.0 / accum)
+                    micro = step_fn(batch, step, watch, 1.0 / accum, micro=a)
                 for k, v in micro.items():
                     terms[k] = terms.get(k, 0.0) + v / accum
             faults.step(step + 1, env.rank, lambda: preempt.requested)
@@ -144,7 +144,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                 _evaluate(cfg, engine, objective, monitor, step, eval_batch)
             if _every(step, cfg.checkpoint.every) or stop or step == cfg.train.steps:
                 watchdog.arm(f"checkpoint of step {step}")
-                _save(ckpt, engine_app=app, state=state, loader=loader, step_fn=step_fn, step=step, blocking=stop or step == cfg.train.steps)
+                _save(ckpt, engine_app=app, state=state, loader=loader, step=step, blocking=stop or step == cfg.train.steps)
             if stop:
                 monitor.text(f"[ditill] preemption ({preempt.signal_name or 'another rank'}): checkpointed step {step}, exiting for requeue")
                 result.preempted, result.exit_code = True, REQUEUE_EXIT_CODE
@@ -180,7 +180,7 @@ def _count_nonfinite(cfg, monitor: Monitor, ckpt: Checkpointer, state, step: int
         )
 
 
-def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_id) -> int:
+def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id) -> int:
     request = str(cfg.checkpoint.resume)
     path = ckpt.find_resume(request)
     if path is None:
@@ -198,38 +198,33 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_i
         warnings.warn(f"the config changed since {path} was written:\n  " + "\n  ".join(changes))
     extras = ckpt.load(path, app)
     if "resharded_from" in extras:
-        # Another world size: model, EMA and optimizer were resharded by the engine's format. The shared
-        # generator (noise, timesteps, guidance dropout) is the same on every rank and carries over; the
-        # per-rank streams cannot (there is no rank r of the old run to take them from), so they are
-        # re-seeded from (seed, step). The data position is global and carries over (re-planned by the
-        # loader when the global batch changed).
+        # Another world size: model, EMA and optimizer were resharded by the engine's format. A step's
+        # randomness is counter-based on (seed, step, sample position) and carries over exactly; the
+        # global per-rank streams (not used by the step) are re-seeded from (seed, step). The data
+        # position is global and carries over (re-planned by the loader when the global batch changed).
         old = extras["resharded_from"]
         state.update(old[0]["train"])
-        step_fn.shared.set_state(torch.tensor(old[0]["shared_rng"], dtype=torch.uint8))
         seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)
         loader.load_state_dict(old[0]["loader"])
         if env.is_main:
-            warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size}: per-rank RNG streams re-seeded")
+            warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size} ranks")
     else:
         state.update(extras["train"])
         set_rng_state(extras["rng"])
-        step_fn.shared.set_state(torch.tensor(extras["shared_rng"], dtype=torch.uint8))
         loader.load_state_dict(extras["loader"])
     return int(state["step"])
 
 
-def checkpoint_extras(state, loader, step_fn) -> dict:
-    """What a checkpoint holds beside the engine's tensors: loop counters, every RNG stream, data position."""
-    return {
-        "train": dict(state),
-        "rng": rng_state(),
-        "shared_rng": step_fn.shared.get_state().tolist(),
-        "loader": loader.state_dict(),
-    }
+def checkpoint_extras(state, loader) -> dict:
+    """What a checkpoint holds beside the engine's tensors: loop counters, the global RNG streams, data position.
+
+    (A step's own randomness is counter-based and needs no state; first-wave checkpoints also hold a
+    `shared_rng`, which is ignored.)"""
+    return {"train": dict(state), "rng": rng_state(), "loader": loader.state_dict()}
 
 
-def _save(ckpt: Checkpointer, *, engine_app, state, loader, step_fn, step: int, blocking: bool) -> None:
-    ckpt.save(step, engine_app, checkpoint_extras(state, loader, step_fn), blocking=blocking)
+def _save(ckpt: Checkpointer, *, engine_app, state, loader, step: int, blocking: bool) -> None:
+    ckpt.save(step, engine_app, checkpoint_extras(state, loader), blocking=blocking)
 
 
 def _log(cfg, env, monitor: Monitor, step: int, sums, watch: Stopwatch, step_time: float, loader, state) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """One distillation micro-step: batch → noisy inputs → teacher and student → named losses.
 
 Teacher and student see the same x_t, t and condition, including the same guidance-dropout draw
-(the dropout is drawn here, once, instead of inside each model). All randomness comes from the
-global RNG, whose state every checkpoint saves per rank, so a resumed run redraws the same noise.
+(the dropout is drawn here, once, instead of inside each model). Every random number of a step —
+timestep, noise, guidance dropout, guidance value, the routers' Gumbel noise — is a pure function
+of (run seed, step, the sample's position in the global batch) (`models/rng.py`): each rank draws
+only its own samples, nothing needs saving, and a run continues exactly on another world size.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from typing import Iterator
 import torch
 
 from models import family_of
+from models import rng
 from models.losses import FlopsLoss, HybridDistillLoss
 from trainer.config import RunConfig
+from trainer.distributed import global_batch_mean
 from trainer.engines.base import Engine
 
 
@@ -42,10 +46,11 @@ class Stopwatch:
 
 
 class DistillStep:
-    """Noise, timesteps and guidance dropout are drawn for the whole global micro-batch from a
-    generator every rank holds in the same state, and each rank keeps its contiguous slice. The data
-    layer gives rank r the r-th slice of each global batch, so a sample meets the same noise whatever
-    the world size: a multi-rank run reproduces the single-process run."""
+    """Sample p of optimizer step s (p: its position in the step's global batch, counted over the
+    micro-batches of gradient accumulation and the ranks, as the data layer deals them out: rank r
+    holds positions [r·B, (r+1)·B) of each micro-batch) draws from seeds (seed, s, p, stream), so a
+    sample meets the same noise whatever the world size: a multi-rank run reproduces the
+    single-process run, and a run resumed on another world size continues it."""
 
     def __init__(self, cfg: RunConfig, objective, engine: Engine) -> None:
         self.cfg = cfg
@@ -53,25 +58,27 @@ class DistillStep:
         self.engine = engine
         self.model = engine.raw_student
         self.family = family_of(self.model)
-        self.shared = torch.Generator(device=engine.env.device).manual_seed(cfg.train.seed)
         mcfg = self.model.config
+        self.guidance = self.family.conditioning(mcfg).guidance
         self.kd = HybridDistillLoss(cfg.distill.lambda_noise, cfg.distill.lambda_var, mcfg.in_channels)
         self.flops = None
         if mcfg.dynamic:
             d = cfg.dynamic
             self.flops = FlopsLoss(d.flops_target, d.flops_weight, d.warmup_steps, d.hold_steps)
 
-    def __call__(self, batch: dict, step: int, watch: Stopwatch, scale: float) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; returns detached per-term means for logging.
-
-        `scale` divides the loss for gradient accumulation.
-        """
+    def __call__(self, batch: dict, step: int, watch: Stopwatch, scale: float, micro: int = 0) -> dict[str, torch.Tensor]:
+        """Forward and backward of micro-batch `micro` of optimizer step `step`; returns detached
+        per-term means for logging. `scale` divides the loss for gradient accumulation."""
         engine, obj = self.engine, self.objective
         x0 = batch["x"].to(engine.env.device, non_blocking=True)
         cond = {k: v.to(engine.env.device, non_blocking=True) for k, v in self.model.condition(batch).items()}
-        x_t, t, noise, drop = self._draw(x0)
-        cond = self.model.drop_condition(cond, drop)
+        draw = self.draw(x0, step, micro)
+        x_t, t, noise = draw["x_t"], draw["t"], draw["noise"]
+        cond = self.model.drop_condition(cond, draw["drop"])
+        if self.guidance:
+            cond["guidance"] = draw["guidance"]
         t_model = obj.model_timestep(t)
+        seeds = draw["router_seeds"] if self.model.config.dynamic else None
 
         teacher_out = None
         if engine.teacher is not None:
@@ -79,23 +86,37 @@ class DistillStep:
                 teacher_out = engine.teacher(x_t, t_model, **cond)
 
         with watch.section("student"):
+            extra = {"seeds": seeds} if seeds is not None else {}
             with engine.autocast():
-                out, aux = engine.student(x_t, t_model, **cond, return_aux=True)
+                out, aux = engine.student(x_t, t_model, **cond, return_aux=True, **extra)
             terms = self._losses(out, aux, x0, x_t, t, noise, teacher_out, step, cond, t_model)
             engine.backward(terms["loss"] * scale)
         return {k: v.detach() for k, v in terms.items()}
 
-    def _draw(self, x0: torch.Tensor):
-        env, b = self.engine.env, x0.shape[0]
-        world = env.world_size
-        shape = (b * world, *x0.shape[1:])
+    def positions(self, batch_size: int, micro: int) -> torch.Tensor:
+        env = self.engine.env
+        first = micro * env.world_size * batch_size + env.rank * batch_size
+        return torch.arange(first, first + batch_size, dtype=torch.int64)
+
+    def draw(self, x0: torch.Tensor, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
+        """This rank's samples' timesteps, noise, x_t, guidance dropout (and value), router seeds."""
+        b, dev, seed = x0.shape[0], x0.device, self.cfg.train.seed
+        pos = self.positions(b, micro)
+
+        def seeds(stream: int) -> torch.Tensor:
+            return rng.sample_seeds(seed, step, pos, stream).to(dev)
+
         seq_len = self.family.image_tokens(self.model.config, tuple(x0.shape[-2:]))
-        t = self.objective.sample_timesteps(b * world, x0.device, self.shared, seq_len=seq_len)
-        noise = torch.randn(shape, generator=self.shared, device=x0.device, dtype=x0.dtype)
-        drop = torch.rand(b * world, generator=self.shared, device=x0.device) < self.cfg.diffusion.cfg_dropout
-        mine = slice(env.rank * b, (env.rank + 1) * b)
-        t, noise, drop = t[mine], noise[mine], drop[mine]
-        return self.objective.add_noise(x0, t, noise), t, noise, drop
+        u_t = rng.counter_uniform(seeds(rng.TIMESTEP), 0, 1)[:, 0]
+        t = self.objective.timesteps_from_uniform(u_t, pos.to(dev), seq_len=seq_len)
+        noise = rng.counter_normal(seeds(rng.NOISE), 0, x0[0].numel()).view_as(x0).to(x0.dtype)
+        drop = rng.counter_uniform(seeds(rng.DROPOUT), 0, 1)[:, 0] < self.cfg.diffusion.cfg_dropout
+        out = {"t": t, "noise": noise, "drop": drop, "x_t": self.objective.add_noise(x0, t, noise),
+               "router_seeds": seeds(rng.ROUTERS)}
+        if self.guidance:
+            lo, hi = self.cfg.diffusion.guidance_range
+            out["guidance"] = lo + (hi - lo) * rng.counter_uniform(seeds(rng.GUIDANCE), 0, 1)[:, 0]
+        return out
 
     def _losses(self, out, aux, x0, x_t, t, noise, teacher_out, step, cond, t_model) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -108,7 +129,7 @@ class DistillStep:
             terms.update({f"loss/{k}": v.mean() for k, v in kd.items()})
             total = total + terms["loss/kd"]
         if self.flops is not None and "flops_ratio" in aux:
-            fl = self.flops(aux["flops_ratio"], step)
+            fl = self.flops(aux["flops_ratio"], step, mean=global_batch_mean(aux["flops_ratio"]))
             terms["loss/flops"] = fl["flops"]
             terms["flops/ratio"] = fl["flops_ratio"]
             terms["flops/target"] = fl["flops_target"].to(out.device)

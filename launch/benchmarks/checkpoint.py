@@ -114,7 +114,7 @@ class Trainer:
     def extra(self) -> dict[str, Any]:
         from trainer.loop import checkpoint_extras
 
-        return checkpoint_extras({"step": self.step}, self.loader, self.step_fn)
+        return checkpoint_extras({"step": self.step}, self.loader)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

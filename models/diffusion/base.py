@@ -58,6 +58,14 @@ class Objective(Protocol):
         """Training timesteps t, shape (B,), in the objective's own units (see `model_timestep`)."""
         ...
 
+    def timesteps_from_uniform(
+        self, u: torch.Tensor, positions: torch.Tensor, *, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """Training timesteps from per-sample uniforms u (B,) in (0, 1) — the same law as
+        `sample_timesteps`, but a pure function of each sample's own number and its position in the
+        global batch (stratified sampling), so a run's draws do not depend on its world size."""
+        ...
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t from clean x0 and standard normal `noise` at timesteps t (B,)."""
         ...

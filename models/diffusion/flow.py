@@ -106,6 +106,16 @@ class RectifiedFlow:
             t = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return shift_time(t, self.shift_factor(seq_len))
 
+    def timesteps_from_uniform(
+        self, u: torch.Tensor, positions: torch.Tensor, *, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """Continuous t (B,) from uniforms: u itself, or sigmoid(mean + std·Φ⁻¹(u)); then shifted."""
+        if self.timestep_sampling == "uniform":
+            t = u.float()
+        else:
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u.double())).float()
+        return shift_time(t, self.shift_factor(seq_len))
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = (1 − t)·x0 + t·ε."""
         t = t.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))

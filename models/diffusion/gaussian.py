@@ -188,6 +188,16 @@ class GaussianDiffusion:
         lower = (torch.arange(batch_size, device=device) % self.num_strata) * width
         return lower + torch.randint(0, width, (batch_size,), generator=generator, device=device)
 
+    def timesteps_from_uniform(
+        self, u: torch.Tensor, positions: torch.Tensor, *, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """Integer t (B,): ⌊u·T⌋, or within stratum `position mod num_strata` when stratified."""
+        if self.timestep_sampling == "uniform":
+            return (u.double() * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
+        width = self.num_timesteps // self.num_strata
+        lower = (positions.to(u.device) % self.num_strata) * width
+        return lower + (u.double() * width).long().clamp_(max=width - 1)
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
         return self._at("sqrt_ac", t, x0) * x0 + self._at("sqrt_1m_ac", t, x0) * noise
