@@ -96,7 +96,7 @@ class DataConfig:
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"data.{key}={value!r} is not allowed: true, false, or null (the default for the data)")
         if self.sample_latent and self.input != "latent":
-            raise ValueError(f"data.sample_latent=true is not allowed with data.input={self.input!r}: it draws latents "
+            raise ValueError(f"data.sample_latent={self.sample_latent!r} is not allowed with data.input={self.input!r}: it draws latents "
                              "from their stored posterior; set data.input='latent' or remove data.sample_latent")
         if self.seed < 0:
             raise ValueError(f"data.seed={self.seed!r} is not allowed: an integer ≥ 0")
