@@ -34,18 +34,22 @@ def byte_tokenizer():
 
 
 def build_tiny_text_encoders(out: str, seed: int = 0, dim: int = 32, layers: int = 2, heads: int = 2,
-                             clip: bool = True, clip_dim: int = 32) -> TinyTextEncoders:
-    """Write `out/t5` (and `out/clip`); the same seed and sizes give byte-identical weight files."""
+                             clip: bool = True, clip_dim: int = 32, head_dim: int | None = None,
+                             ff_dim: int | None = None) -> TinyTextEncoders:
+    """Write `out/t5` (and `out/clip`); the same seed and sizes give byte-identical weight files.
+
+    T5's `head_dim` (default dim / heads) and `ff_dim` (default 2·dim) can be narrow, so a T5 as
+    wide as T5-XXL's 4096-d output stays cheap to run (the storage benchmark uses that)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    if dim % heads or clip_dim % heads:
+    if (head_dim is None and dim % heads) or clip_dim % heads:
         raise ValueError(f"dim {dim} and clip_dim {clip_dim} must be multiples of heads {heads}")
     tok = byte_tokenizer()
     vocab = len(tok)  # 384
     t5_dir = os.path.join(out, T5_DIR)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
-        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=dim, d_ff=2 * dim, d_kv=dim // heads, num_layers=layers,
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=dim, d_ff=ff_dim or 2 * dim, d_kv=head_dim or dim // heads, num_layers=layers,
                                      num_heads=heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                      decoder_start_token_id=tok.pad_token_id))

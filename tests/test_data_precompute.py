@@ -159,6 +159,41 @@ def test_first_layout_float16_padded_shards_still_load(tmp_path):
     assert all(torch.equal(b["text_mask"][j], torch.from_numpy(s["text_mask"] != 0)) for j, s in enumerate(shards[0]))
 
 
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_damaged_bf16_embeddings_are_skipped_and_counted(tmp_path, fmt):
+    """bf16 words with an all-ones exponent (NaN/Inf), a length its mask disagrees with, float data under a bf16 label."""
+    from data.manifest import write_manifest
+    from data.text_encoders import bf16_words
+    from tests.data_helpers import write_raw
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(10):
+        n = 2 + i % 4
+        mask = (np.arange(6) < n).astype(np.uint8)
+        samples.append({"key": f"{i:06d}", "latent": rng.standard_normal((4, 4, 4)).astype(np.float16),
+                        "text_emb": bf16_words(torch.randn(n, 8)), "text_mask": mask})
+    samples[2]["text_emb"] = samples[2]["text_emb"].copy()
+    samples[2]["text_emb"][1, 3] = 0x7FC0  # a bf16 NaN
+    samples[5]["text_emb"] = samples[5]["text_emb"][:-1]  # one token fewer than its mask counts
+    bad = {"000002", "000005"}
+    if fmt == "wds":  # (an MDS column has one dtype: its writer refuses this one)
+        samples[7]["text_emb"] = samples[7]["text_emb"].view(np.float16)  # not bf16 words
+        bad.add("000007")
+    m = write_raw(str(tmp_path / fmt), fmt, [samples[:5], samples[5:]], text=(6, 8))
+    m.text.update(dtype="bf16", storage="unpadded")
+    write_manifest(str(tmp_path / fmt), m)
+    loader = build_loader(DataConfig(format=fmt, path=str(tmp_path / fmt), input="latent", cond="text_emb", batch_size=10,
+                                     shuffle=False, max_skipped_fraction=1.0), 0, 1)
+    b = next(loader)  # the bad ones' places are topped up with good samples from the start
+    assert loader.stats()["data/skipped/nonfinite"] == 1 and loader.stats()["data/skipped/bad_shape"] == len(bad) - 1
+    assert set(b["key"]) == {f"{i:06d}" for i in range(10)} - bad
+    for j, key in enumerate(b["key"]):
+        n = int(samples[int(key)]["text_mask"].sum())
+        assert np.array_equal(b["text_emb"][j, :n].view(torch.int16).numpy().view(np.uint16), samples[int(key)]["text_emb"])
+        assert not b["text_emb"][j, n:].any()
+
+
 def test_a_crash_costs_only_the_shard_in_flight(setup, monkeypatch):
     root, cfg, enc, src, _ = setup
     clean = str(root / "clean")
@@ -262,3 +297,18 @@ def test_t5_sharded_over_two_ranks_gives_the_unsharded_embeddings(setup, flux_sh
     torch.testing.assert_close(load_null_text(sharded)["text_emb"].float(), load_null_text(single)["text_emb"].float(), **BF16)
     torch.testing.assert_close(load_prompt_embeddings(sharded)[1]["text_emb"].float(),
                                load_prompt_embeddings(single)[1]["text_emb"].float(), **BF16)
+
+
+def test_storage_benchmark_reports_the_bytes_the_layouts_must_take(capsys):
+    from launch import benchmark
+
+    D = 64
+    assert benchmark.main(["text-storage", "--samples", "6", "--dim", str(D), "--json"]) == 0
+    rows = {(r["captions"], r["layout"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    member = lambda payload: 512 + -(-(128 + payload) // 512) * 512  # tar header block + .npy (128-byte header) in blocks
+    for captions in ("short captions", "long captions"):
+        old, new, flux = (rows[(captions, k)] for k in ("fp16 padded (first layout)", "bf16 unpadded (PixArt-Σ)", "bf16 padded (FLUX)"))
+        assert old["text_emb_bytes"] == member(300 * D * 2) and flux["text_emb_bytes"] == member(512 * D * 2)
+        assert abs(new["text_emb_bytes"] - (512 + 128 + new["tokens"] * D * 2)) <= 512  # n tokens × D × 2 B, rounded to blocks
+        assert new["fp32_padded_bytes"] == 300 * D * 4 and flux["fp32_padded_bytes"] == 512 * D * 4
+    assert rows[("long captions", "bf16 unpadded (PixArt-Σ)")]["tokens"] > 4 * rows[("short captions", "bf16 unpadded (PixArt-Σ)")]["tokens"]
