@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from data.buckets import bucket_size
 from data.config import DataConfig
-from data.decode import SampleSpec
+from data.decode import SampleSpec, spec_options
 from data.manifest import Manifest, read_manifest
 from data.plan import GroupLayout
 from data.readers import MdsShard, MemoryShard, ShardReader, WdsShard
@@ -53,7 +53,8 @@ class Catalog:
 
 def build_catalog(cfg: DataConfig) -> Catalog:
     if cfg.format == "digits":
-        spec = SampleSpec(cfg.input, cfg.cond, (1, cfg.image_size, cfg.image_size), num_classes=10, labels=True)
+        spec = SampleSpec(cfg.input, cfg.cond, (1, cfg.image_size, cfg.image_size), num_classes=10, labels=True,
+                          **spec_options(cfg, None, "the bundled digits"))
         return Catalog((ShardLocator("memory", "<digits>", DIGITS_SAMPLES),),
                        (GroupLayout("", (0,), (DIGITS_SAMPLES,)),), (spec,), "the bundled digits")
     assert cfg.path is not None
@@ -107,16 +108,17 @@ def _spec(cfg: DataConfig, manifest: Manifest, key: str, latent_shape: Optional[
     text_shape = (int(manifest.text["max_length"]), int(manifest.text["dim"])) if manifest.text else None
     num_classes = len(manifest.classes) if manifest.classes else None
     labels = "cls" in manifest.fields
+    extra = spec_options(cfg, manifest, where)
     if cfg.input == "latent":
         if not latent_shape:
             raise ValueError(f"{where}: group {key!r} has no latent_shape in the manifest; rewrite it with launch.precompute")
         x_shape = tuple(int(s) for s in latent_shape)
         assert manifest.latent is not None
         return SampleSpec("latent", cfg.cond, x_shape, num_classes, text_shape,  # type: ignore[arg-type]
-                          float(manifest.latent["scaling_factor"]), float(manifest.latent.get("shift_factor") or 0.0), labels)
+                          float(manifest.latent["scaling_factor"]), float(manifest.latent.get("shift_factor") or 0.0), labels, **extra)
     channels = manifest.channels or 3
     size = bucket_size(key, cfg.image_size) if cfg.buckets else (cfg.image_size, cfg.image_size)
-    return SampleSpec("image", cfg.cond, (channels, *size), num_classes, text_shape, labels=labels)
+    return SampleSpec("image", cfg.cond, (channels, *size), num_classes, text_shape, labels=labels, **extra)
 
 
 def mds_entries(root: str, manifest: Manifest) -> dict[str, dict[str, Any]]:

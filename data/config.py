@@ -33,6 +33,13 @@ class DataConfig:
         checked once `skip_check_after` samples have been read.
     drop_last: drop each bucket's last partial global batch every epoch; when false it is filled
         with samples from the start of that bucket (counted as `data/repeated`).
+    flip: random horizontal flip, drawn per sample from (seed, epoch, its place in the shards).
+        Unset (null): on for class-conditional data (DiT's recipe), off for text (PixArt-Σ's) and
+        for the bundled digits (not mirror-symmetric). Latents need a stored mirrored copy
+        (`launch.precompute --flip-copy`).
+    sample_latent: draw each step's latent from the stored VAE posterior (mean + std · ε, as DiT's
+        online VAE) instead of using its mean. Unset: on when the shards hold the std
+        (`launch.precompute --posterior`).
     """
 
     format: str = "digits"
@@ -50,6 +57,8 @@ class DataConfig:
     max_skipped_fraction: float = 0.01
     skip_check_after: int = 1000
     drop_last: bool = True
+    flip: Optional[bool] = None
+    sample_latent: Optional[bool] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the key, the bad value and what is allowed."""
@@ -66,6 +75,7 @@ class DataConfig:
                 ("input", self.input == "latent", "digits are images; precompute latents into shards first"),
                 ("cond", self.cond == "text_emb", "digits carry no text embeddings; precompute them into shards first"),
                 ("buckets", self.buckets, "digits are all 8×8: there is nothing to bucket"),
+                ("sample_latent", self.sample_latent, "digits are images, there is no VAE posterior to draw from"),
             ):
                 if value:
                     raise ValueError(f"data.{key}={getattr(self, key)!r} is not allowed with data.format='digits': {why}")
@@ -81,6 +91,13 @@ class DataConfig:
                              "base resolution must be a multiple of 16 (e.g. 256, 512, 1024)")
         if not 0.0 <= float(self.max_skipped_fraction) <= 1.0:
             raise ValueError(f"data.max_skipped_fraction={self.max_skipped_fraction!r} is not allowed: a number in [0, 1]")
+        for key in ("flip", "sample_latent"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"data.{key}={value!r} is not allowed: true, false, or null (the default for the data)")
+        if self.sample_latent and self.input != "latent":
+            raise ValueError(f"data.sample_latent={self.sample_latent!r} is not allowed with data.input={self.input!r}: it draws latents "
+                             "from their stored posterior; set data.input='latent' or remove data.sample_latent")
         if self.seed < 0:
             raise ValueError(f"data.seed={self.seed!r} is not allowed: an integer ≥ 0")
 

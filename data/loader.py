@@ -146,7 +146,7 @@ class _BatchStream(IterableDataset):
         B = self.cfg.batch_size
         g, positions, wrapped = plan.slice(step, self.rank, B)
         seq, spec = plan.sequence(g), self.catalog.specs[g]
-        builder = BatchBuilder(spec, B, batch_views(flat, spec, B))
+        builder = BatchBuilder(spec, B, batch_views(flat, spec, B), seed=self.cfg.seed, epoch=epoch)
         counts: Counter[str] = Counter(read=B, repeated=wrapped)
         notes: list[tuple[str, str]] = []
         shards, local = seq.addresses(positions)
@@ -154,7 +154,7 @@ class _BatchStream(IterableDataset):
             raw: dict[str, Any] = {}
             try:
                 raw = pool.read(s, i, spec.fields, notes)
-                builder.add(raw)
+                builder.add(raw, s, i)
             except SampleError as e:
                 counts[f"skipped/{e.reason}"] += 1
                 if e.reason != "shard_error":  # the shard itself was reported once
@@ -168,7 +168,7 @@ class _BatchStream(IterableDataset):
             s, i = (a[0] for a in seq.addresses([p]))
             p += 1
             try:
-                builder.add(pool.read(int(s), int(i), spec.fields, notes))
+                builder.add(pool.read(int(s), int(i), spec.fields, notes), int(s), int(i))
                 counts["repeated"] += 1
             except SampleError:
                 pass  # counted in its own turn

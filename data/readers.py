@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data.schema import WDS_FIELD, SampleError, mds_decode_column, npy_array
+from data.schema import ARRAY_FIELDS, WDS_FIELD, SampleError, mds_decode_column, npy_array
 
 
 class ShardError(Exception):
@@ -135,7 +135,7 @@ def _parse_wds(field: str, data: memoryview) -> Any:
     try:
         if field == "image":
             return data
-        if field in ("latent", "text_emb", "text_mask"):
+        if field in ARRAY_FIELDS:
             return npy_array(data)
         if field == "caption":
             return bytes(data).decode("utf-8")

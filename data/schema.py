@@ -7,11 +7,20 @@ A sample is a dict of optional fields (a task checks the ones it needs):
 | key         | str, unique, no dots                    | `__key__`          | `key: str`            |
 | image       | encoded PNG or JPEG bytes               | `.png` / `.jpg`    | `image: bytes`        |
 | latent      | float16 (C, h, w), *unscaled* VAE mean  | `.latent.npy`      | `latent: ndarray:float16` |
+| latent_std  | float16 (C, h, w), VAE posterior std    | `.latent_std.npy`  | `latent_std: ndarray:float16` |
+| latent_flip | float16 (C, h, w), mean of the mirrored image (+ `latent_flip_std`) | `.latent_flip.npy` | `latent_flip: ndarray:float16` |
 | caption     | str                                     | `.txt`             | `caption: str`        |
-| text_emb    | float16 (L, D) text-encoder output      | `.text_emb.npy`    | `text_emb: ndarray:float16` |
-| text_mask   | uint8 (L,) attention mask (1 = token)   | `.text_mask.npy`   | `text_mask: ndarray:uint8` |
+| text_emb    | text-encoder output, see below          | `.text_emb.npy`    | `text_emb: ndarray:<dtype>` |
+| text_mask   | uint8 (L,) tokenizer mask (1 = token)   | `.text_mask.npy`   | `text_mask: ndarray:uint8` |
+| text_pooled | (Dp,) CLIP pooled vector (FLUX), dtype as text_emb | `.text_pooled.npy` | `text_pooled: ndarray:<dtype>` |
 | cls         | int class label                         | `.cls` (ASCII)     | `cls: int`            |
 | json        | dict: original_size [h, w], aspect_ratio (h/w), source, … | `.json` | `json: json` |
+
+`text_emb` comes in the layouts the manifest's `text` entry names: `dtype: bf16` stores the raw
+16-bit words of bf16 values as uint16 (numpy has no bf16), `dtype: fp16` (the first layout, the
+default when the key is absent) float16; `storage: unpadded` keeps only the n real tokens (n, D) —
+n = the mask's count, the loader pads back to (L, D) with zeros — while `storage: padded` (the
+default) keeps all L positions, as a mask-free encoder (FLUX) needs: its pads are encoded and seen.
 
 Latents are stored unscaled so one set of shards serves any scaling convention; the manifest
 records the factor the loader multiplies by. Encodings here are byte-exact and deterministic
@@ -27,15 +36,16 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("key", "image", "latent", "caption", "text_emb", "text_mask", "cls", "json")
+ARRAY_FIELDS = ("latent", "latent_std", "latent_flip", "latent_flip_std", "text_emb", "text_mask", "text_pooled")
+FIELDS = ("key", "image", *ARRAY_FIELDS, "caption", "cls", "json")
 
 # webdataset member extension per field (images get png/jpg from their bytes).
-WDS_EXT = {"latent": "latent.npy", "text_emb": "text_emb.npy", "text_mask": "text_mask.npy",
-           "caption": "txt", "cls": "cls", "json": "json"}
+WDS_EXT = {**{f: f"{f}.npy" for f in ARRAY_FIELDS}, "caption": "txt", "cls": "cls", "json": "json"}
 WDS_FIELD = {ext: field for field, ext in WDS_EXT.items()} | {"png": "image", "jpg": "image", "jpeg": "image"}
 
-MDS_ENCODING = {"key": "str", "image": "bytes", "latent": "ndarray:float16", "caption": "str",
-                "text_emb": "ndarray:float16", "text_mask": "ndarray:uint8", "cls": "int", "json": "json"}
+# MDS column encodings; an array column's dtype is the stored array's (see `mds_encoding`)
+MDS_ENCODING = {"key": "str", "image": "bytes", **{f: "ndarray:float16" for f in ARRAY_FIELDS}, "caption": "str",
+                "text_mask": "ndarray:uint8", "cls": "int", "json": "json"}
 
 # Why a sample was skipped; each becomes the counter `data/skipped/<reason>`.
 REASONS = ("decode_error", "truncated", "missing_field", "bad_shape", "bad_label", "nonfinite", "shard_error")
@@ -103,7 +113,7 @@ def wds_members(sample: dict[str, Any]) -> dict[str, bytes]:
             continue
         if field == "image":
             out[image_ext(value)] = bytes(value)
-        elif field in ("latent", "text_emb", "text_mask"):
+        elif field in ARRAY_FIELDS:
             out[WDS_EXT[field]] = npy_bytes(value)
         elif field == "caption":
             out["txt"] = value.encode("utf-8")
@@ -114,6 +124,15 @@ def wds_members(sample: dict[str, Any]) -> dict[str, bytes]:
         else:
             raise KeyError(f"unknown sample field {field!r}; the schema has {FIELDS}")
     return out
+
+
+def mds_encoding(field: str, value: Any) -> str:
+    """The MDS column encoding of `field`; an array column takes its array's dtype (bf16 words are uint16)."""
+    if field not in MDS_ENCODING:
+        raise KeyError(f"unknown sample field {field!r}; the schema has {FIELDS}")
+    if field in ARRAY_FIELDS and field != "text_mask":
+        return f"ndarray:{np.asarray(value).dtype.name}"
+    return MDS_ENCODING[field]
 
 
 def mds_columns(sample: dict[str, Any]) -> dict[str, Any]:

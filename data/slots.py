@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from data.decode import SampleSpec
+from data.decode import TEXT_DTYPES, SampleSpec
 
 Flat = dict[str, torch.Tensor]  # field → 1-D buffer large enough for the largest group's batch
 
@@ -29,11 +29,13 @@ def slot_layout(specs: tuple[SampleSpec, ...], batch_size: int) -> dict[str, tup
     layout = {"x": (batch_size * max(math.prod(s.x_shape) for s in specs), torch.float32)}
     if any("cls" in s.fields for s in specs):
         layout["y"] = (batch_size, torch.int64)
-    text = [s.text_shape for s in specs if s.cond == "text_emb" and s.text_shape]
+    text = [s for s in specs if s.cond == "text_emb" and s.text_shape]
     if text:
-        L, D = text[0]
-        layout["text_emb"] = (batch_size * L * D, torch.float16)  # as stored: half the bytes to copy and ship
+        (L, D), dtype = text[0].text_shape, TEXT_DTYPES[text[0].text_dtype]
+        layout["text_emb"] = (batch_size * L * D, dtype)  # as stored: half the bytes of fp32 to copy and ship
         layout["text_mask"] = (batch_size * L, torch.bool)
+        if text[0].pooled_dim:
+            layout["text_pooled"] = (batch_size * text[0].pooled_dim, dtype)
     return layout
 
 
@@ -58,6 +60,8 @@ def batch_views(flat: Flat, spec: SampleSpec, batch_size: int) -> dict[str, torc
         assert spec.text_shape is not None
         out["text_emb"] = flat["text_emb"].view(batch_size, *spec.text_shape)
         out["text_mask"] = flat["text_mask"].view(batch_size, spec.text_shape[0])
+        if spec.pooled_dim:
+            out["text_pooled"] = flat["text_pooled"].view(batch_size, spec.pooled_dim)
     return out
 
 

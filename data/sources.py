@@ -78,7 +78,7 @@ def digits_source() -> Source:
 
     def load(i: int) -> dict[str, Any]:
         label = int(labels[i])
-        return {"image": _png(pixels[i]), "cls": label, "caption": digit_caption(label),
+        return {"image": png_bytes(pixels[i]), "cls": label, "caption": digit_caption(label),
                 "json": {"source": "sklearn-digits", "index": i, "original_size": [8, 8], "aspect_ratio": 1.0}}
 
     items = [SourceItem(f"{i:05d}", (lambda i=i: load(i)), f"digits[{i}]") for i in range(len(labels))]
@@ -153,14 +153,14 @@ def _image_file(path: str, root: str) -> dict[str, Any]:
             try:
                 image_ext(data)
             except ValueError:
-                data = _png(np.asarray(im.convert("RGB")))
+                data = png_bytes(np.asarray(im.convert("RGB")))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SourceItemError(f"{path}: {type(e).__name__}: {e}") from e
     meta = {"source": os.path.relpath(path, root), "original_size": [height, width], "aspect_ratio": round(height / width, 6)}
     return {"image": data, "json": meta}
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()

@@ -18,7 +18,7 @@ import numpy as np
 
 from data.buckets import nearest_bucket
 from data.manifest import Group, Manifest, ShardRecord, write_manifest
-from data.schema import MDS_ENCODING, mds_columns, wds_members
+from data.schema import mds_columns, mds_encoding, wds_members
 from data.sources import Source, SourceItemError
 
 log = logging.getLogger("ditill.data")
@@ -89,7 +89,7 @@ def _write_mds(path: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
     """One shard with streaming's MDSWriter (so the bytes are exactly what its readers expect)."""
     from streaming import MDSWriter
 
-    columns = {f: MDS_ENCODING[f] for f in samples[0]}
+    columns = {f: mds_encoding(f, v) for f, v in samples[0].items()}
     tmp = f"{path}.d"  # `path` is already a per-process temporary name; the folder goes with it
     try:
         with MDSWriter(out=tmp, columns=columns, compression=None, hashes=[], size_limit=None) as writer:

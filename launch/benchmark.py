@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("models", "step", "data", "kernels", "checkpoint")
+SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
         print(f"usage: python -m launch.benchmark {{{','.join(SUITES)}}} [--json] [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    suite = importlib.import_module(f"launch.benchmarks.{argv[0]}")
+    suite = importlib.import_module(f"launch.benchmarks.{argv[0].replace('-', '_')}")
     return int(suite.main(argv[1:]) or 0)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from data.manifest import Group, Manifest, ShardRecord, write_manifest
 from data.sources import Source, digits_source
+from data.tiny_encoders import TinyTextEncoders, build_tiny_text_encoders
 from data.writers import group_dir, shard_name, write_dataset, write_mds_index, write_shard
 
 LATENT = (4, 4, 4)
@@ -87,21 +88,13 @@ def assert_same_batches(got: list[dict[str, Any]], ref: list[dict[str, Any]]) ->
             assert same, f"batch {i}, field {k!r} differs"
 
 
-def tiny_encoders(root: str) -> tuple[str, str]:
-    """A random-weight AutoencoderKL (2× downsampling) and T5 encoder + word-level tokenizer, saved locally."""
+def tiny_encoders(root: str, dim: int = 16, clip_dim: int = 24) -> tuple[str, TinyTextEncoders]:
+    """A random-weight AutoencoderKL (2× downsampling) and T5 + CLIP text encoders with the byte tokenizer, saved locally."""
     from diffusers import AutoencoderKL
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    vae_dir, t5_dir = os.path.join(root, "vae"), os.path.join(root, "t5")
+    vae_dir = os.path.join(root, "vae")
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                   latent_channels=4, norm_num_groups=8, sample_size=8, scaling_factor=0.5).save_pretrained(vae_dir)
-    words = ["<pad>", "</s>", "<unk>", "a", "handwritten", "digit", "photo", "of"] + [str(i) for i in range(10)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(t5_dir)
-    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
-                            decoder_start_token_id=0)).save_pretrained(t5_dir)
-    return vae_dir, t5_dir
+    return vae_dir, build_tiny_text_encoders(os.path.join(root, "text"), seed=0, dim=dim, clip_dim=clip_dim)

@@ -11,6 +11,8 @@ def test_defaults_validate_and_work_as_structured_config():
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, DataConfig) and obj.batch_size == 32 and obj.path == "/x"
     obj.validate()
+    aug = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(["flip=true", "sample_latent=null"])))
+    assert aug.flip is True and aug.sample_latent is None
     with pytest.raises(Exception):  # typed: OmegaConf refuses a string for an int field
         OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(["batch_size=many"]))
 
@@ -31,6 +33,9 @@ def test_defaults_validate_and_work_as_structured_config():
     ({"max_skipped_fraction": 1.5}, "max_skipped_fraction", 1.5),
     ({"seed": -3}, "seed", -3),
     ({"format": "mds", "path": "/x", "buckets": True, "image_size": 100}, "image_size", 100),
+    ({"flip": "yes"}, "flip", "yes"),
+    ({"format": "mds", "path": "/x", "sample_latent": True}, "sample_latent", True),
+    ({"sample_latent": True}, "sample_latent", True),
 ])
 def test_validate_names_key_value_and_what_is_allowed(overrides, key, value):
     with pytest.raises(ValueError) as e:

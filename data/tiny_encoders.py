@@ -1,0 +1,68 @@
+"""Tiny random-weight text encoders for tests and the quickstart: T5 and CLIP with a byte tokenizer.
+
+Nothing is downloaded: the models are transformers' own `T5EncoderModel` and `CLIPTextModel` built
+from small configs with seeded weights, and the tokenizer is ByT5's (UTF-8 bytes + 3 specials, no
+vocabulary file). Each is saved with `save_pretrained` into its own folder, so `launch.precompute`
+loads them exactly as it loads T5-XXL and CLIP-L (`from_pretrained(..., local_files_only=True)`).
+They are random: they test the conditioning path, not language understanding.
+
+CLIP pools its output at the first `eos_token_id` of each sequence, so its config is given the byte
+tokenizer's end id (1) and a vocabulary of at least the tokenizer's 384 ids.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+T5_DIR, CLIP_DIR = "t5", "clip"
+CLIP_MAX_LENGTH = 77  # CLIP-L's context, as FLUX tokenizes for it
+
+
+@dataclass(frozen=True)
+class TinyTextEncoders:
+    t5: str  # folder: T5EncoderModel + ByT5Tokenizer
+    clip: str | None  # folder: CLIPTextModel + ByT5Tokenizer, or None when not built
+
+
+def byte_tokenizer():
+    """ByT5's tokenizer: pad 0, eos 1, unk 2, byte b ↦ b + 3, 125 extra ids; 384 ids in all."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def build_tiny_text_encoders(out: str, seed: int = 0, dim: int = 32, layers: int = 2, heads: int = 2,
+                             clip: bool = True, clip_dim: int = 32, head_dim: int | None = None,
+                             ff_dim: int | None = None) -> TinyTextEncoders:
+    """Write `out/t5` (and `out/clip`); the same seed and sizes give byte-identical weight files.
+
+    T5's `head_dim` (default dim / heads) and `ff_dim` (default 2·dim) can be narrow, so a T5 as
+    wide as T5-XXL's 4096-d output stays cheap to run (the storage benchmark uses that)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if (head_dim is None and dim % heads) or clip_dim % heads:
+        raise ValueError(f"dim {dim} and clip_dim {clip_dim} must be multiples of heads {heads}")
+    tok = byte_tokenizer()
+    vocab = len(tok)  # 384
+    t5_dir = os.path.join(out, T5_DIR)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=dim, d_ff=ff_dim or 2 * dim, d_kv=head_dim or dim // heads, num_layers=layers,
+                                     num_heads=heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                     decoder_start_token_id=tok.pad_token_id))
+        t5.save_pretrained(t5_dir)
+        tok.save_pretrained(t5_dir)
+        clip_dir = None
+        if clip:
+            clip_dir = os.path.join(out, CLIP_DIR)
+            torch.manual_seed(seed + 1)
+            model = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=clip_dim, intermediate_size=2 * clip_dim,
+                                                 num_hidden_layers=layers, num_attention_heads=heads,
+                                                 max_position_embeddings=CLIP_MAX_LENGTH, pad_token_id=tok.pad_token_id,
+                                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+            model.save_pretrained(clip_dir)
+            tok.save_pretrained(clip_dir)
+    return TinyTextEncoders(t5_dir, clip_dir)
