@@ -165,6 +165,12 @@ class ModelFamily(ABC):
         index = torch.arange(n) % have
         return model.condition({k: v[index] for k, v in rows.items()})
 
+    def set_null_condition(self, model: nn.Module, null: Mapping[str, torch.Tensor]) -> None:
+        """Give a text family's model the null caption of the run's text encoder (T5(""), + CLIP's
+        pooled vector) that the data provides (`data.load_null_text`); class families have none."""
+        if self.conditioning(model.config).kind != "class":
+            model.set_null_condition(null)
+
     # -- weights ----------------------------------------------------------------------------------
     @abstractmethod
     def recognises(self, raw: "RawWeights") -> bool:

@@ -107,6 +107,22 @@ def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module,
     return model, report
 
 
+def attach_null_condition(cfg: RunConfig, *models: nn.Module | None) -> bool:
+    """Copy the data's null caption (`null_text.safetensors` beside the shards) into each text model's
+    buffers — teacher and student get the same one; returns whether there was one."""
+    from data import load_null_text
+
+    if not cfg.data.path or cfg.data.cond != "text_emb":
+        return False
+    null = load_null_text(cfg.data.path)
+    if null is None:
+        return False
+    for model in models:
+        if model is not None:
+            family_of(model).set_null_condition(model, null)
+    return True
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the model (their full size even where ZeRO-3 left each rank only a partition)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

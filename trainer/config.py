@@ -66,6 +66,9 @@ class DynamicConfig:
     flops_weight: float = 2.0
     warmup_steps: int = 1000  # target annealed from 1 to λ
     hold_steps: int = 100  # target held at 1 at the start
+    # official: DyDiT's 1 − (1−λ)·step/warmup (jumps below 1 when the hold ends); continuous: anneals
+    # over (step − hold) / (warmup − hold), starting at 1
+    warmup_schedule: str = "continuous"
     complete_model_loss: bool = False  # DyDiT stage 1: also train the complete model on the same x_t
     router_lr_mult: float = 1.0  # routers' learning rate relative to optim.lr (short runs need > 1)
 
@@ -159,6 +162,7 @@ CHOICES = {
     "diffusion.objective": ("gaussian", "flow"),
     "diffusion.timestep_sampling": ("uniform", "stratified", "logit_normal"),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "dynamic.warmup_schedule": ("official", "continuous"),
     "optim.fused": ("auto", "torch", "apex", "none"),
     "engine.kind": ("auto", "single", "ddp", "fsdp", "deepspeed"),
     "engine.mixed_precision": ("auto", "fp32", "bf16"),
@@ -240,6 +244,10 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail("engine.deepspeed_config", ds, "no such file (configs/deepspeed/zero1.json, zero2.json, zero3.json)")
         if cfg.teacher is not None and cfg.teacher.shard:
             raise _fail("teacher.shard", True, "FSDP-only; under DeepSpeed the frozen teacher is replicated outside the ZeRO engine")
+    kind = "fsdp" if cfg.engine.kind == "auto" and world_size > 1 else cfg.engine.kind
+    if cfg.optim.fused == "apex" and kind == "fsdp":
+        raise _fail("optim.fused", "apex", "apex's FusedAdam cannot drive FSDP2's sharded (DTensor) parameters; use "
+                    "optim.fused=auto (torch's fused AdamW) or another engine")
     if cfg.engine.collective_timeout_s <= 0:
         raise _fail("engine.collective_timeout_s", cfg.engine.collective_timeout_s, "a positive number of seconds")
     for key, lowest in (("checkpoint.every", 1), ("train.max_nonfinite", 1), ("checkpoint.keep_last", 0), ("checkpoint.keep_every", 0)):

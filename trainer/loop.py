@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from data import build_loader
 from models import family_of
-from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
+from trainer.build import (
+    attach_null_condition, build_objective, build_student, count_parameters, load_teacher, seed_everything,
+)
 from trainer.checkpoint import (
     CheckpointError, Checkpointer, check_teacher, config_changes, rng_state, set_rng_state, step_dir_name,
 )
@@ -28,7 +30,7 @@ from trainer.evaluate import router_map, sample_images
 from trainer.faults import Faults
 from trainer.monitor import Monitor, peak_memory_gb
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
-from trainer.step import DistillStep, Stopwatch
+from trainer.step import DistillStep, Stopwatch, teacher_needed
 from trainer.watchdog import StallWatchdog
 
 
@@ -74,6 +76,10 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
 
     torch.manual_seed(cfg.train.seed)  # identical student initialisation on every rank
     student, report = build_student(cfg, teacher)
+    inherit_only = teacher is not None and not teacher_needed(cfg)
+    if inherit_only:  # no loss reads it (e.g. DyDiT's recipe, no KD): not placed, never run
+        teacher = None
+    attach_null_condition(cfg, teacher, student)
     seed_everything(cfg.train.seed, env.rank)
     objective = build_objective(cfg)
     engine = build_engine(cfg, env)
@@ -98,6 +104,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
         f"student={cfg.student.model} ({count_parameters(engine.raw_student) / 1e6:.2f}M params) "
         f"teacher={'none' if teacher is None else cfg.teacher.path} start_step={start}"
         + (f" inherit: {report.summary()}" if report else "")
+        + (" (the teacher served inheritance only: no loss reads it, so it is not run)" if inherit_only else "")
     )
     watchdog = StallWatchdog(cfg.engine.collective_timeout_s, run_dir, env.rank)
     accum = cfg.train.global_batch // (env.world_size * cfg.train.micro_batch)

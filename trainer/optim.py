@@ -33,10 +33,23 @@ def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], router_lr_mult
     return groups
 
 
+def _has_dtensors(groups: list[dict]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for g in groups for p in g["params"])
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: apex's FusedAdam where it is known to work (plain tensors on CUDA, apex importable),
+    else torch's fused (CUDA) or foreach implementation. FSDP2's parameters are DTensors, which apex
+    does not handle: there `auto` takes torch's fused AdamW and an explicit `apex` is an error."""
     params = [{**g, "lr": cfg.lr * g.get("lr_mult", 1.0)} for g in groups]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.fused == "apex" or (cfg.fused == "auto" and device.type == "cuda"):
+    if _has_dtensors(groups):
+        if cfg.fused == "apex":
+            raise RuntimeError("optim.fused=apex cannot drive FSDP2's sharded (DTensor) parameters; use optim.fused=auto "
+                               "(torch's fused AdamW) with engine.kind=fsdp")
+    elif cfg.fused == "apex" or (cfg.fused == "auto" and device.type == "cuda"):
         fused_adam = _apex_fused_adam()
         if fused_adam is not None:
             return fused_adam(params, adam_w_mode=True, **kwargs)

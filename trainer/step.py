@@ -45,6 +45,11 @@ class Stopwatch:
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
 
 
+def teacher_needed(cfg: RunConfig) -> bool:
+    """Whether any loss reads the teacher's output (else it serves inheritance only and never runs)."""
+    return cfg.distill.lambda_noise > 0 or cfg.distill.lambda_var > 0
+
+
 class DistillStep:
     """Sample p of optimizer step s (p: its position in the step's global batch, counted over the
     micro-batches of gradient accumulation and the ranks, as the data layer deals them out: rank r
@@ -64,7 +69,7 @@ class DistillStep:
         self.flops = None
         if mcfg.dynamic:
             d = cfg.dynamic
-            self.flops = FlopsLoss(d.flops_target, d.flops_weight, d.warmup_steps, d.hold_steps)
+            self.flops = FlopsLoss(d.flops_target, d.flops_weight, d.warmup_steps, d.hold_steps, d.warmup_schedule)
 
     def __call__(self, batch: dict, step: int, watch: Stopwatch, scale: float, micro: int = 0) -> dict[str, torch.Tensor]:
         """Forward and backward of micro-batch `micro` of optimizer step `step`; returns detached

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -9,6 +10,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer.engines.base import TorchEngine, freeze, teacher_dtype
 from trainer.engines.fsdp import shard_teacher
 from trainer.parallelize import apply_activation_checkpointing, apply_compile
+
+
+def wrap_ddp(module: nn.Module, device_ids: list[int] | None) -> DDP:
+    """DDP without a buffer sync every forward (the buffers are constants such as pos_embed), through
+    `forward_sync_buffers` where torch has it (2.14 deprecates `broadcast_buffers` with a warning)."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(module, device_ids=device_ids, forward_sync_buffers=False)
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 class DDPEngine(TorchEngine):
@@ -21,8 +30,7 @@ class DDPEngine(TorchEngine):
         apply_activation_checkpointing(self.raw_student, self.cfg.engine)
         apply_compile(self.raw_student, self.cfg.engine)
         device_ids = [device.index] if device.type == "cuda" else None
-        # pos_embed is a constant buffer: no need to broadcast it every forward
-        self.student = DDP(self.raw_student, device_ids=device_ids, broadcast_buffers=False)
+        self.student = wrap_ddp(self.raw_student, device_ids)
         if teacher is not None:
             freeze(teacher)
             if self.cfg.teacher.shard:
