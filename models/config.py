@@ -40,6 +40,9 @@ class DiTConfig(StudentOptions):
     # dropout itself so that teacher and student see the same labels.
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
+    # a guidance input (as FLUX-dev's): the model is told the guidance scale g and, guidance-distilled
+    # from a teacher's classifier-free-guided output, samples with one forward per step instead of two
+    guidance_embed: bool = False
 
     @property
     def out_channels(self) -> int:

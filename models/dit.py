@@ -129,6 +129,7 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        self.g_embedder = TimestepEmbedder(d) if cfg.guidance_embed else None  # fed g·1000, FLUX's convention
         pos = sincos_pos_embed_2d(d, cfg.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0), persistent=True)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
@@ -150,6 +151,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.g_embedder is not None:  # zero output: a student given one starts as its teacher
+            nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.g_embedder.mlp[2].weight)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -197,13 +201,13 @@ class DiT(nn.Module):
         """The unconditional branch of classifier-free guidance: every label → the null class."""
         if not self.y_embedder.has_null_class:
             raise ValueError("this model has no null class (class_dropout_prob=0); it cannot use guidance")
-        return {"y": torch.full_like(cond["y"], self.num_classes)}
+        return {**cond, "y": torch.full_like(cond["y"], self.num_classes)}
 
     def drop_condition(self, cond: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Guidance dropout: labels where `drop` is True become the null class."""
         if not self.y_embedder.has_null_class:
             return cond
-        return {"y": torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])}
+        return {**cond, "y": torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])}
 
     # --- forward ----------------------------------------------------------------------------------
     def _exec_mode(self, complete: bool) -> str:
@@ -246,8 +250,10 @@ class DiT(nn.Module):
         return_aux: bool = False,
         complete: bool = False,
         seeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ):
-        """x: (B, C, H, W); t: (B,) diffusion timesteps as the embedder expects them; y: (B,) labels.
+        """x: (B, C, H, W); t: (B,) diffusion timesteps as the embedder expects them; y: (B,) labels;
+        guidance: (B,) guidance scales, for a model with a guidance input (`guidance_embed`).
 
         `complete=True` runs a dynamic model with every unit on (DyDiT's complete-model warm-up).
         `seeds` (B,) int64: per-sample seeds of the routers' training noise (block i uses salts 8i…8i+2).
@@ -257,6 +263,12 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
+        if self.g_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model has a guidance input (guidance_embed=True): pass guidance=(B,) scales")
+            c = c + self.g_embedder(guidance.float() * 1000.0)
+        elif guidance is not None:
+            raise ValueError("guidance given to a model without a guidance input (guidance_embed=False)")
         mode = self._exec_mode(complete)
         key = self.plan_key(t, t_emb, mode)
         masks = []

@@ -72,6 +72,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: 
         "hidden_size": hidden, "in_channels": in_ch, "patch_size": patch, "depth": depth,
         "learn_sigma": out_ch == 2 * in_ch,
         "mlp_ratio": fc1.shape[0] / hidden if fc1 is not None else 4.0,
+        "guidance_embed": "g_embedder.mlp.0.weight" in sd,
     }
     if "num_classes" in known:  # a table with one more row holds the guidance null class
         nc = int(known["num_classes"])

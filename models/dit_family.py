@@ -7,6 +7,7 @@ Registry: `{dit,lit,dydit,dylit}-{s,b,l,xl}/{2,4,8}` — `dit-xl/2` *is* its con
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -58,7 +59,7 @@ class DiTFamily(ModelFamily):
         return DiT(cfg)
 
     def conditioning(self, cfg: DiTConfig) -> ConditionSpec:
-        return CLASS_LABELS
+        return replace(CLASS_LABELS, guidance=True) if cfg.guidance_embed else CLASS_LABELS
 
     def eval_condition(self, model: DiT, n: int, batch: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
         """Classes 0, 1, … in turn, so a grid shows every class."""

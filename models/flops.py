@@ -93,7 +93,7 @@ def embed_cost(cfg: DiTConfig, n: int | None = None) -> dict[str, float]:
     d, p = cfg.hidden_size, cfg.patch_size
     return {
         "patch_embed": n * p * p * cfg.in_channels * d,
-        "t_embedder": 256 * d + d * d,
+        "t_embedder": (256 * d + d * d) * (2 if getattr(cfg, "guidance_embed", False) else 1),  # + the guidance embedder
         "final_layer": 2 * d * d + n * d * p * p * cfg.out_channels,
     }
 

@@ -58,6 +58,11 @@ class DistillConfig:
     lambda_noise: float = 0.5  # λ1: MSE(ε_S, ε_T)
     lambda_var: float = 0.05  # λ2: MSE(Σ_S, Σ_T)
     diffusion_weight: float = 1.0  # weight of the ground-truth diffusion loss
+    # guidance distillation: a student with a guidance input regresses the teacher's classifier-free-
+    # guided output uncond + g·(cond − uncond) at its own g (drawn from diffusion.guidance_range)
+    guidance_distill: bool = False
+    features: List[str] = field(default_factory=list)  # module-name patterns whose outputs are matched, e.g. [blocks.*.attn]
+    feature_weight: float = 0.5  # weight of the mean feature MSE over the matched modules
 
 
 @dataclass

@@ -25,10 +25,16 @@ def fixed_inputs(model, cfg: SampleConfig, device: torch.device, batch: Mapping[
 @torch.no_grad()
 def sample_images(module, raw_model, objective, cfg: SampleConfig, device: torch.device, autocast,
                   batch: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """`cfg.num` samples of `module` from fixed inputs. A model with a guidance input (guidance-
+    distilled) is told g = cfg.cfg_scale and runs once per step; others use classifier-free guidance."""
     was_training = module.training
     module.eval()
     noise, cond = fixed_inputs(raw_model, cfg, device, batch)
-    null = raw_model.null_condition(cond) if cfg.cfg_scale != 1.0 else None
+    own = getattr(module, "module", module)  # DDP's wrapper
+    cfg_scale = cfg.cfg_scale
+    if family_of(own).conditioning(own.config).guidance:
+        cond, cfg_scale = {**cond, "guidance": torch.full((cfg.num,), cfg.cfg_scale, device=device)}, 1.0
+    null = raw_model.null_condition(cond) if cfg_scale != 1.0 else None
     with autocast:
         x = sample(
             lambda x, t, **c: module(x, t, **c),
@@ -36,7 +42,7 @@ def sample_images(module, raw_model, objective, cfg: SampleConfig, device: torch
             noise,
             cond,
             null_cond=null,
-            cfg_scale=cfg.cfg_scale,
+            cfg_scale=cfg_scale,
             steps=cfg.steps,
             method=cfg.method,
             seq_len=family_of(raw_model).image_tokens(raw_model.config, tuple(noise.shape[-2:])),

@@ -16,9 +16,11 @@ import torch
 
 from models import family_of
 from models import rng
+from models.diffusion.samplers import batch_conditions
 from models.losses import FlopsLoss, HybridDistillLoss
 from trainer.config import RunConfig
 from trainer.distributed import global_batch_mean
+from trainer.features import FeatureTaps
 from trainer.engines.base import Engine
 
 
@@ -47,7 +49,16 @@ class Stopwatch:
 
 def teacher_needed(cfg: RunConfig) -> bool:
     """Whether any loss reads the teacher's output (else it serves inheritance only and never runs)."""
-    return cfg.distill.lambda_noise > 0 or cfg.distill.lambda_var > 0
+    d = cfg.distill
+    return d.lambda_noise > 0 or d.lambda_var > 0 or (bool(d.features) and d.feature_weight > 0)
+
+
+def guided(cond_out: torch.Tensor, uncond_out: torch.Tensor, g: torch.Tensor, channels: int) -> torch.Tensor:
+    """Classifier-free guidance with a scale per sample: uncond + g·(cond − uncond) on the first
+    `channels` (the ε/velocity prediction); the rest (learned σ) from the conditional output."""
+    gs = g.to(cond_out.dtype).view(-1, *([1] * (cond_out.ndim - 1)))
+    c, u = cond_out[:, :channels], uncond_out[:, :channels]
+    return torch.cat([u + gs * (c - u), cond_out[:, channels:]], dim=1)
 
 
 class DistillStep:
@@ -64,8 +75,15 @@ class DistillStep:
         self.model = engine.raw_student
         self.family = family_of(self.model)
         mcfg = self.model.config
-        self.guidance = self.family.conditioning(mcfg).guidance
+        teacher = engine.teacher
+        # who takes a guidance value: the student (guidance-distilled, FLUX-dev-like) and/or the teacher
+        self.student_guided = self.family.conditioning(mcfg).guidance
+        self.teacher_guided = teacher is not None and family_of(teacher).conditioning(teacher.config).guidance
+        self.guidance_distill = teacher is not None and cfg.distill.guidance_distill
         self.kd = HybridDistillLoss(cfg.distill.lambda_noise, cfg.distill.lambda_var, mcfg.in_channels)
+        self.features = None
+        if teacher is not None and cfg.distill.features and cfg.distill.feature_weight > 0:
+            self.features = FeatureTaps(self.model, teacher, list(cfg.distill.features))
         self.flops = None
         if mcfg.dynamic:
             d = cfg.dynamic
@@ -80,23 +98,40 @@ class DistillStep:
         draw = self.draw(x0, step, micro)
         x_t, t, noise = draw["x_t"], draw["t"], draw["noise"]
         cond = self.model.drop_condition(cond, draw["drop"])
-        if self.guidance:
-            cond["guidance"] = draw["guidance"]
+        g = draw.get("guidance")
+        student_cond = {**cond, "guidance": g} if self.student_guided else cond
         t_model = obj.model_timestep(t)
         seeds = draw["router_seeds"] if self.model.config.dynamic else None
+        if self.features is not None:
+            self.features.active = True
 
         teacher_out = None
         if engine.teacher is not None:
+            teacher_cond = {**cond, "guidance": g} if self.teacher_guided else cond
             with watch.section("teacher"), torch.no_grad(), engine.autocast():
-                teacher_out = engine.teacher(x_t, t_model, **cond)
+                teacher_out = self._teacher(x_t, t_model, teacher_cond, g)
 
         with watch.section("student"):
             extra = {"seeds": seeds} if seeds is not None else {}
             with engine.autocast():
-                out, aux = engine.student(x_t, t_model, **cond, return_aux=True, **extra)
-            terms = self._losses(out, aux, x0, x_t, t, noise, teacher_out, step, cond, t_model)
+                out, aux = engine.student(x_t, t_model, **student_cond, return_aux=True, **extra)
+            if self.features is not None:
+                self.features.active = False
+            terms = self._losses(out, aux, x0, x_t, t, noise, teacher_out, step, student_cond, t_model)
             engine.backward(terms["loss"] * scale)
         return {k: v.detach() for k, v in terms.items()}
+
+    def _teacher(self, x_t: torch.Tensor, t_model: torch.Tensor, cond: dict, g: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's output, or with guidance distillation its guided output at each sample's g: the
+        conditional and the null condition as one doubled batch (the null from the family's convention,
+        e.g. PixArt's null caption under the prompt's mask)."""
+        teacher = self.engine.teacher
+        if not self.guidance_distill:
+            return teacher(x_t, t_model, **cond)
+        both = batch_conditions(cond, teacher.null_condition(cond))
+        out = teacher(torch.cat([x_t, x_t]), torch.cat([t_model, t_model]), **both)
+        cond_out, uncond_out = out.chunk(2)
+        return guided(cond_out, uncond_out, g, x_t.shape[1])
 
     def positions(self, batch_size: int, micro: int) -> torch.Tensor:
         env = self.engine.env
@@ -118,7 +153,7 @@ class DistillStep:
         drop = rng.counter_uniform(seeds(rng.DROPOUT), 0, 1)[:, 0] < self.cfg.diffusion.cfg_dropout
         out = {"t": t, "noise": noise, "drop": drop, "x_t": self.objective.add_noise(x0, t, noise),
                "router_seeds": seeds(rng.ROUTERS)}
-        if self.guidance:
+        if self.student_guided or self.teacher_guided:
             lo, hi = self.cfg.diffusion.guidance_range
             out["guidance"] = lo + (hi - lo) * rng.counter_uniform(seeds(rng.GUIDANCE), 0, 1)[:, 0]
         return out
@@ -133,6 +168,11 @@ class DistillStep:
             kd = self.kd(out.float(), teacher_out.float())
             terms.update({f"loss/{k}": v.mean() for k, v in kd.items()})
             total = total + terms["loss/kd"]
+        if self.features is not None:
+            per_layer = {name: v.mean() for name, v in self.features.losses().items()}
+            terms.update({f"loss/feature/{name}": v for name, v in per_layer.items()})
+            terms["loss/feature"] = torch.stack(list(per_layer.values())).mean()
+            total = total + cfg.distill.feature_weight * terms["loss/feature"]
         if self.flops is not None and "flops_ratio" in aux:
             fl = self.flops(aux["flops_ratio"], step, mean=global_batch_mean(aux["flops_ratio"]))
             terms["loss/flops"] = fl["flops"]

@@ -26,12 +26,14 @@ def validate_models(cfg: RunConfig) -> None:
     family = family_of(student)
     _objective(cfg, student, family)
     _conditioning(cfg, student, family)
+    teacher = None
     for source, key in ((cfg.teacher.path if cfg.teacher else None, "teacher.path"),
                         (cfg.student.init_path if cfg.student.init == "path" else None, "student.init_path")):
         if source is None:
             continue
         other = _read_config(source, key)
         if key == "teacher.path":
+            teacher = other
             _same_family(student, other, key)
             try:
                 family.check_pair(student, other)
@@ -39,6 +41,60 @@ def validate_models(cfg: RunConfig) -> None:
                 raise ConfigError(f"{e} (teacher {source})") from e
         if key == "student.init_path" or cfg.student.init == "inherit":
             _inheritable(cfg, student, other, key, source)
+    _guidance(cfg, student, teacher)
+    _features(cfg, student, teacher)
+
+
+def _guidance(cfg: RunConfig, student: Any, teacher: Any | None) -> None:
+    """Who takes a guidance value, and whether the teacher's target is guided (see trainer/step.py)."""
+    lo_hi = list(cfg.diffusion.guidance_range)
+    if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"config diffusion.guidance_range={lo_hi!r} is invalid: [min, max] with 0 < min <= max "
+                          "(equal for a fixed value, e.g. [3.5, 3.5])")
+    s_g = family_of(student).conditioning(student).guidance
+    t_g = teacher is not None and family_of(teacher).conditioning(teacher).guidance
+    d = cfg.distill
+    if d.guidance_distill:
+        if teacher is None:
+            raise ConfigError("config distill.guidance_distill=true needs a teacher (teacher.path) to guide")
+        if not s_g:
+            raise ConfigError(f"config distill.guidance_distill=true but {cfg.student.model} has no guidance input: set "
+                              "student.args.guidance_embed=true (the student learns the guided output at its g)")
+        if t_g:
+            raise ConfigError("config distill.guidance_distill=true but the teacher already takes a guidance value (it was "
+                              "guidance-distilled): set distill.guidance_distill=false; student and teacher then get the same g")
+    elif s_g and teacher is not None and not t_g:
+        raise ConfigError(f"{cfg.student.model} has a guidance input but the teacher has none: set "
+                          "distill.guidance_distill=true to teach it the teacher's guided output, or drop "
+                          "student.args.guidance_embed")
+    elif t_g and not s_g and lo_hi[0] != lo_hi[1]:
+        raise ConfigError(f"the teacher takes a guidance value but {cfg.student.model} does not: the student can only "
+                          "learn one fixed guidance, so set diffusion.guidance_range=[g, g]")
+    if not (s_g or t_g) and lo_hi != [3.5, 3.5]:
+        raise ConfigError(f"config diffusion.guidance_range={lo_hi!r} has no effect: neither student nor teacher takes a "
+                          "guidance value; remove it")
+
+
+def _features(cfg: RunConfig, student: Any, teacher: Any | None) -> None:
+    """distill.features patterns must name modules that exist in both models (checked on meta models)."""
+    patterns = list(cfg.distill.features)
+    if not patterns:
+        return
+    if teacher is None:
+        raise ConfigError("config distill.features needs a teacher (teacher.path)")
+    from trainer.features import matching_modules
+
+    with torch.device("meta"):
+        s_model, t_model = family_of(student).build(student), family_of(teacher).build(teacher)
+    names = matching_modules(s_model, patterns)
+    if not names:
+        some = [n for n, _ in s_model.named_modules() if n][:8]
+        raise ConfigError(f"config distill.features={patterns} matches no module of {cfg.student.model} "
+                          f"(module names look like {some}); use fnmatch patterns such as 'blocks.*.attn'")
+    t_names = {n for n, _ in t_model.named_modules()}
+    missing = [n for n in names if n not in t_names]
+    if missing:
+        raise ConfigError(f"config distill.features: the teacher has no module {missing[0]!r}; choose layers both have")
 
 
 def _student(cfg: RunConfig) -> Any:
