@@ -211,12 +211,15 @@ def test_teacher_mse_needs_no_weights_and_is_numpys(tmp_path, no_weights, capsys
     (["--device", "cuda:0", "--metrics", "teacher_mse", "--teacher", "{s}"], "CUDA is not available"),
     (["--metrics", "teacher_mse", "--teacher", "{t}"], "pair sample i with sample i"),
     (["--ref", "{missing}"], "does not exist"),
+    (["--metrics", "is", "--inception", "{w}"], "cannot make 10 Inception Score splits"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, no_weights, capsys, argv, message):
     if "cuda" in argv[1] and torch.cuda.is_available():
         pytest.skip("CUDA is available")
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "t.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
-    fill = {"s": str(tmp_path / "s.npz"), "t": str(tmp_path / "t.npz"), "missing": str(tmp_path / "nope.npz")}
+    (tmp_path / "w.pth").write_bytes(b"")  # never opened: the count is checked before the network loads
+    fill = {"s": str(tmp_path / "s.npz"), "t": str(tmp_path / "t.npz"), "missing": str(tmp_path / "nope.npz"),
+            "w": str(tmp_path / "w.pth")}
     assert main([str(tmp_path / "s.npz")] + [a.format(**fill) for a in argv]) == 2
     assert message in capsys.readouterr().err

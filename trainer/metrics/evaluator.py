@@ -107,6 +107,10 @@ def evaluate(s: EvalSettings) -> dict[str, Any]:
     """{"metrics": {...}, "settings": {...}, "inputs": {...}, "skipped": {...}, "notes": [...]}."""
     plan, skipped = check_settings(s)
     samples = open_images(s.samples)
+    if "is" in plan and len(samples) < s.is_splits:
+        raise EvalError(f"{len(samples)} samples cannot make {s.is_splits} Inception Score splits; lower --is-splits")
+    if "pr" in plan and len(samples) <= s.pr_k:
+        raise EvalError(f"precision/recall with k={s.pr_k} needs more than {s.pr_k} samples, got {len(samples)}")
     side = s.resolution or _side(samples)
     teacher = open_images(s.teacher, side) if s.teacher else None
     m: dict[str, Any] = {}

@@ -168,7 +168,7 @@ class FolderImages(ImageSet):
             arr = np.asarray(im)
         if arr.shape[:2] != self.resolution:
             raise ValueError(f"{path} is {arr.shape[1]}×{arr.shape[0]} but {self.files[0]} is {self.resolution[1]}×"
-                             f"{self.resolution[0]}; give a resolution (--ref-resolution) to centre-crop them all")
+                             f"{self.resolution[0]}; give --resolution to centre-crop them all")
         return arr
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
