@@ -11,7 +11,6 @@ Inputs are (N, 1, 8, 8) tensors in [-1, 1], the layout of `data.digits_arrays()`
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import digits_arrays
+from trainer.metrics.frechet import GaussianStats, frechet_distance, stats_of
 
 FEATURES = 128
 
@@ -122,33 +122,11 @@ def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
 
 # --- Fréchet distance -------------------------------------------------------------------------------
 
-@dataclass
-class GaussianStats:
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
-
-
 @torch.no_grad()
 def feature_stats(model: DigitClassifier, x: torch.Tensor, batch: int = 1024) -> GaussianStats:
     model.eval()
     feats = torch.cat([model.features(x[i : i + batch].float().clamp(-1, 1)) for i in range(0, len(x), batch)])
-    f = feats.double().numpy()
-    return GaussianStats(mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=len(f))
-
-
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """‖μa−μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½), with symmetric eigen-decompositions (no complex sqrtm)."""
-    sa = _sqrt_psd(a.sigma)
-    cross = np.linalg.eigvalsh(sa @ b.sigma @ sa)
-    tr_cross = float(np.sqrt(np.clip(cross, 0, None)).sum())
-    diff = a.mu - b.mu
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_cross)
+    return stats_of(feats.double().numpy())
 
 
 def real_stats(model: DigitClassifier) -> GaussianStats:
