@@ -1,10 +1,14 @@
 """DiTill's data layer: shard writers and readers, precompute, and the resumable loader.
 
 `build_loader(cfg, rank, world_size)` is the entry point the trainer uses; `DataConfig` is its
-configuration (embedded as `cfg.data`); `digits_arrays()` gives the bundled digits as arrays.
+configuration (embedded as `cfg.data`); `merge_rank_states` joins
+every old rank's loader state for a resume on another world size; `digits_arrays()` gives the bundled digits as arrays.
 """
 from data.config import DataConfig
 from data.loader import DataError, Loader, build_loader
 from data.sources import digits_arrays
+from data.stream_loader import StreamLoader, merge_rank_states
+from data.stores import StorageError
 
-__all__ = ["DataConfig", "DataError", "Loader", "build_loader", "digits_arrays"]
+__all__ = ["DataConfig", "DataError", "Loader", "StorageError", "StreamLoader", "build_loader", "digits_arrays",
+           "merge_rank_states"]

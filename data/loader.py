@@ -367,7 +367,12 @@ class Loader(LoaderBase):
         self.close()
 
 
-def build_loader(cfg: DataConfig, rank: int, world_size: int) -> Loader:
+def build_loader(cfg: DataConfig, rank: int, world_size: int) -> LoaderBase:
     """Validate `cfg`, index the shards, and return this rank's loader (workers start on first batch)."""
-    cfg.validate()
+    cfg.validate(world_size)
+    if cfg.layout == "plain":
+        from data.stream_loader import StreamLoader
+        from data.thirdparty import build_stream_catalog
+
+        return StreamLoader(cfg, rank, world_size, build_stream_catalog(cfg))
     return Loader(cfg, rank, world_size, build_catalog(cfg))

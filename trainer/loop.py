@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data import build_loader
+from data import build_loader, merge_rank_states
 from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
 from trainer.checkpoint import (
     CheckpointError, Checkpointer, check_teacher, config_changes, rng_state, set_rng_state, step_dir_name,
@@ -203,7 +203,7 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, step_fn, teacher_i
         state.update(old[0]["train"])
         step_fn.shared.set_state(torch.tensor(old[0]["shared_rng"], dtype=torch.uint8))
         seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)
-        loader.load_state_dict(old[0]["loader"])
+        loader.load_state_dict(merge_rank_states([o["loader"] for o in old]))
         if env.is_main:
             warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size}: per-rank RNG streams re-seeded")
     else:
