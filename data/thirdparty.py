@@ -193,7 +193,7 @@ def decode_column(encoding: str, data: memoryview) -> Any:
         try:
             w, h, n = (int(v) for v in np.frombuffer(data[:12], np.uint32))
             im = Image.frombytes(bytes(data[12:12 + n]).decode("utf-8"), (w, h), bytes(data[12 + n:]))
-            return np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+            return np.array(im if im.mode in ("L", "RGB") else im.convert("RGB"))
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"pil column: {e}") from e
     return mds_decode_column(encoding, data)
