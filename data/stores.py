@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 log = logging.getLogger("ditill.data")
 
 CHUNK = 8 << 20  # bytes per ranged request of a download
+PIECE = 256 << 10  # bytes per read of a response body: a dropped connection loses at most this much
 T = TypeVar("T")
 
 
@@ -152,7 +153,7 @@ class LocalStore(Store):
         with open(local_path(url), "rb") as f:
             f.seek(start)
             while start < end:
-                piece = f.read(min(1 << 20, end - start))
+                piece = f.read(min(PIECE, end - start))
                 if not piece:
                     return
                 start += len(piece)
@@ -178,7 +179,8 @@ class S3Store(Store):
 
     @property
     def client(self) -> Any:
-        key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        key = (os.getpid(), *(os.environ.get(v) for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                          "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE")))
         if self._client is None or self._key != key:  # boto3 clients do not survive a fork
             import boto3
             from botocore.config import Config
@@ -241,7 +243,7 @@ class S3Store(Store):
         body = self._call(url, lambda: self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}"))["Body"]
         try:
             while True:
-                piece = self._call(url, lambda: body.read(1 << 20))
+                piece = self._call(url, lambda: body.read(PIECE))
                 if not piece:
                     return
                 yield piece
@@ -377,7 +379,7 @@ class HttpStore(Store):
             left = end - start
             while left:
                 try:
-                    piece = r.read(min(1 << 20, left + skip))
+                    piece = r.read(min(PIECE, left + skip))
                 except (http.client.HTTPException, OSError) as e:
                     raise Transient(f"{type(e).__name__}: {e}") from e
                 if not piece:
