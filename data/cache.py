@@ -60,6 +60,7 @@ class ShardCache:
         path = self.entry(location, suffix)
         if self._touch(path):
             return path
+        os.makedirs(self.root, exist_ok=True)  # again: something may have cleaned it away
         with _locked(path + ".lock"):
             if self._touch(path):
                 return path

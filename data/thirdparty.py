@@ -211,13 +211,20 @@ class StreamCatalog:
     fingerprint: str
 
 
-def build_stream_catalog(cfg: DataConfig) -> StreamCatalog:
+def list_shards(cfg: DataConfig) -> list[PlainShard]:
+    """The shards of a third-party set, in listed order (a listing, a brace pattern or index.json: no shard is read)."""
     assert cfg.path is not None
     access = Access.from_config(cfg)
-    where = f"the {cfg.format} shards at {cfg.path}"
-    shards = _wds_shards(cfg, access) if cfg.format == "wds" else _mds_shards(cfg, access, where)
+    shards = _wds_shards(cfg, access) if cfg.format == "wds" else _mds_shards(cfg, access, f"the mds shards at {cfg.path}")
     if not shards:
-        raise ValueError(f"{where}: no {'.tar shards' if cfg.format == 'wds' else 'shards in index.json'} found; fix data.path")
+        raise ValueError(f"the {cfg.format} shards at {cfg.path}: no {'.tar shards' if cfg.format == 'wds' else 'shards in index.json'} "
+                         "found; fix data.path")
+    return shards
+
+
+def build_stream_catalog(cfg: DataConfig) -> StreamCatalog:
+    where = f"the {cfg.format} shards at {cfg.path}"
+    shards = list_shards(cfg)
     digest = hashlib.sha1("\n".join(s.path for s in shards).encode("utf-8")).hexdigest()[:16]
     spec = _peek_spec(cfg, shards, where)
     return StreamCatalog(tuple(shards), (spec,), where, f"{len(shards)}:{digest}")

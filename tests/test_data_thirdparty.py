@@ -239,3 +239,31 @@ def test_a_damaged_mds_shard_fails_its_hash_and_is_skipped_and_counted(tmp_path,
     lost = {r["key"] for r in rows[index[0]["samples"]:index[0]["samples"] + victim["samples"]]}
     assert loader.stats()["data/skipped/shard_error"] == victim["samples"] and not lost & set(keys)
     assert "hash" in caplog.text and "index.json records" in caplog.text
+
+
+# --- resharding into DiTill's layout -------------------------------------------------------------
+
+def test_make_shards_reshards_webdataset_and_mds_sets(tmp_path, i2d, mds_sets, capsys):
+    from launch import make_shards
+
+    root, samples = i2d
+    out = str(tmp_path / "ditill-wds")
+    assert make_shards.main(["--source", "webdataset", "--input", root, "--format", "mds", "--out", out,
+                             "--samples-per-shard", "10"]) == 0
+    assert "wrote 45 samples" in capsys.readouterr().out
+    got = {}
+    for b in batches(DataConfig(format="mds", path=out, cond="caption", batch_size=5, image_size=16, shuffle=False), 9):
+        for k, x, c in zip(b["key"], b["x"], b["caption"]):
+            got[k] = (x, c)
+    assert set(got) == set(samples)  # img2dataset's keys kept
+    for k, (x, c) in got.items():
+        assert torch.equal(x, expected_image(samples[k]["jpg"], 16)) and c == samples[k]["txt"].decode()
+    path, rows = mds_sets["zstd"]
+    out2 = str(tmp_path / "ditill-from-mds")
+    assert make_shards.main(["--source", "mds", "--input", path, "--fields", "image=pilimg", "--format", "wds",
+                             "--out", out2, "--cache-dir", str(tmp_path / "cache")]) == 0
+    exact = {r["key"]: torch.from_numpy(r["pixels"]).permute(2, 0, 1).float() / 127.5 - 1 for r in rows}
+    loaded = batches(DataConfig(format="wds", path=out2, cond="class", batch_size=8, image_size=16), 5)
+    assert {k for b in loaded for k in b["key"]} == set(exact)
+    assert all(torch.equal(x, exact[k]) for b in loaded for k, x in zip(b["key"], b["x"]))  # pil pixels → PNG, lossless
+    assert all(int(y) == int(k[1:]) % 7 for b in loaded for k, y in zip(b["key"], b["y"]))  # the label column became cls
