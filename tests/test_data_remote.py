@@ -168,3 +168,32 @@ def test_gcs_through_the_emulator(local_set, tmp_path, monkeypatch):
         assert_same_batches(batches(_cfg("gs://laion-gcs/i2d", tmp_path / "b"), 12), ref)
         with pytest.raises(StorageError, match="bucket 'nosuchbucket' does not exist"):
             build_loader(_cfg("gs://nosuchbucket/i2d", tmp_path / "c"), 0, 1)
+
+
+def test_training_from_s3_killed_and_relaunched_reproduces_the_uninterrupted_losses(tmp_path):
+    """A real run (launch.train) on an img2dataset set in the S3 server: SIGKILL mid-run, relaunch the
+    same command, and every step's loss equals the uninterrupted run's."""
+    from tests.fault_utils import finish, kill9, last_step, losses_by_step, start, started_at, tail, train_cmd, wait_until
+    from tests.trainer_utils import base_env, write_config
+
+    local = str(tmp_path / "set")
+    img2dataset_dir(local, [12, 12, 12, 12], stats={1: 12, 3: 12}, extra={"cls": lambda n: str(n % 10).encode()})
+    with moto_s3() as endpoint:
+        upload_dir(endpoint, local, "train-set", "i2d")
+        env = base_env(**s3_env(endpoint))
+        cfg = write_config(tmp_path / "c.yaml", args={"input_size": 16, "in_channels": 3},
+                           data={"format": "wds", "layout": "plain", "path": "s3://train-set/i2d", "image_size": 16,
+                                 "streams": 2, "shuffle_window": 12, "num_workers": 1, "cache_dir": str(tmp_path / "cache")},
+                           train={"steps": 8, "global_batch": 8, "log_every": 1}, checkpoint={"every": 2, "async_save": False})
+        ref = start(train_cmd(cfg, [f"run_dir={tmp_path / 'ref'}"]), tmp_path / "ref.log", env)
+        assert finish([ref]) == [0], tail(tmp_path / "ref.log")
+        run = tmp_path / "run"
+        cmd = train_cmd(cfg, [f"run_dir={run}"])
+        proc = start(cmd, tmp_path / "a.log", {**env, "DITILL_DEBUG_FAULTS": "slow_step=0.3"})
+        started_at(tmp_path / "a.log", [proc])
+        wait_until(lambda: last_step(run) >= 5, [proc], what="step 5")
+        kill9([proc])
+        again = start(cmd, tmp_path / "b.log", env)
+        assert started_at(tmp_path / "b.log", [again]) in (4, 6)  # resumed mid-run, from a checkpoint on S3 data
+        assert finish([again]) == [0], tail(tmp_path / "b.log")
+        assert losses_by_step(run) == losses_by_step(tmp_path / "ref") and len(losses_by_step(run)) == 8
