@@ -47,7 +47,6 @@ class ShardCache:
         self.root = root or default_cache_dir()
         self.limit = int(limit_bytes)
         os.makedirs(self.root, exist_ok=True)
-        self.downloads = 0  # by this process, for tests and logs
 
     def entry(self, location: str, suffix: str = "") -> str:
         digest = hashlib.sha1(location.encode("utf-8")).hexdigest()[:24]
@@ -73,7 +72,6 @@ class ShardCache:
                 else:
                     finish(tmp, done)
                     os.replace(done, path)
-                self.downloads += 1
             finally:
                 for p in (tmp, done):
                     if os.path.exists(p):

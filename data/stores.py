@@ -6,7 +6,8 @@ Each backend maps its SDK's failures onto three outcomes, because they call for 
   denied, retries exhausted) — raised through, so a run stops with the cause and the fix, never an
   empty epoch;
 - anything transient (5xx, throttling, a connection reset or a body cut short) is retried here with
-  exponential back-off, and a download resumes from the last byte it has.
+  exponential back-off, and a download resumes from the last piece it has (GCS: from the start of
+  the ranged request, 8 MB).
 
 SDKs, not fsspec: s3fs needs aiobotocore, whose newest release (3.10) pins botocore < 1.43.118
 while the verified set pins 1.44.5; gcsfs ≥ 2026.1 needs google-cloud-storage ≥ 3.11 while
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -352,9 +354,9 @@ class HttpStore(Store):
                 raise Transient(f"HTTP {e.code} {e.reason}") from e
             raise StorageError(f"reading {url} failed: HTTP {e.code} {e.reason}") from e
         except urllib.error.URLError as e:
-            if isinstance(e.reason, ConnectionRefusedError) or "Name or service not known" in str(e.reason):
-                raise Transient(f"cannot reach {urlparse(url).netloc}: {e.reason}") from e
-            raise Transient(f"{e.reason}") from e
+            if isinstance(e.reason, socket.gaierror):
+                raise StorageError(f"the host of {url} cannot be resolved ({e.reason}); fix data.path") from e
+            raise Transient(f"cannot reach {urlparse(url).netloc}: {e.reason}") from e
         except (http.client.HTTPException, OSError) as e:
             raise Transient(f"{type(e).__name__}: {e}") from e
 

@@ -308,8 +308,10 @@ def _peek_spec(cfg: DataConfig, shards: list[PlainShard], where: str) -> SampleS
     first = shards[0]
     try:
         reader = first.open()
-        raw = reader.read(0, spec.fields)
-        reader.close()
+        try:
+            raw = reader.read(0, spec.fields)
+        finally:
+            reader.close()
     except (ShardError, SampleError) as e:
         raise ValueError(f"{where}: the first shard {first.path} cannot be read ({e}); it is read before training to "
                          "check the field mapping: fix or remove it") from e
