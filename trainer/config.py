@@ -273,7 +273,7 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
         if not cfg.student.init_path or not Path(cfg.student.init_path).exists():
             raise _fail("student.init_path", cfg.student.init_path, "an existing checkpoint when student.init=path")
     try:
-        cfg.data.validate()
+        cfg.data.validate(world_size=max(world_size, 1))
     except ValueError as e:
         raise ConfigError(f"config data: {e}") from e
     return cfg

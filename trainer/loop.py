@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data import build_loader
+from data import build_loader, merge_rank_states
 from models import family_of
 from trainer.build import (
     attach_null_condition, build_objective, build_student, count_parameters, load_teacher, seed_everything,
@@ -212,7 +212,7 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id) -> int
         old = extras["resharded_from"]
         state.update(old[0]["train"])
         seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)
-        loader.load_state_dict(old[0]["loader"])
+        loader.load_state_dict(merge_rank_states([o["loader"] for o in old]))
         if env.is_main:
             warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size} ranks")
     else:
