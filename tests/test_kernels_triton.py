@@ -296,8 +296,8 @@ def test_dispatch_triton_mode_returns_triton_ops_with_reference_signatures():
         assert [p.default for p in ours.parameters.values()] == [p.default for p in ref.parameters.values()], field
 
 
-def test_ops_are_graph_breaks_under_torch_compile():
-    """torch.compile around the Triton ops (trainer.compile with kernels: triton) runs them eagerly."""
+def test_ops_trace_into_one_graph_under_torch_compile():
+    """torch.compile around the Triton ops (trainer.compile with kernels: triton): no graph break."""
     ops = dispatch.get_ops("triton", "cpu")
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 16, torch.float32))
     x, (shift, scale, *_) = _adaln_inputs(2, 5, 16, torch.float32)
@@ -305,11 +305,45 @@ def test_ops_are_graph_breaks_under_torch_compile():
     def f(q, k, v, x, shift, scale):
         return ops.linear_attention(q, k, v).square().sum() + ops.modulate_layernorm(x, shift, scale).square().sum()
 
-    got = torch.compile(f, backend="eager")(q, k, v, x, shift, scale)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, x, shift, scale)
     want = f(q, k, v, x, shift, scale)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
         torch.testing.assert_close(a, b)
+
+
+def _op_cases():
+    """Every custom op with inputs as the model passes them (strided params, a gate, repeated rows)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 11, 24, torch.float32, nk=13, e=16))
+    x, (shift, scale, gate, *_) = _adaln_inputs(2, 11, 24, torch.float32)
+    x.requires_grad_()
+    y = torch.randn(2, 11, 24, requires_grad=True)
+    index = torch.tensor([0, 3, 4, 4, 12, 21])
+    rows = torch.randn(6, 24, requires_grad=True)
+    la_out = torch.ops.ditill.linear_attention_fwd(q, k, v, 1e-6)
+    ln_out = torch.ops.ditill.modulate_layernorm_fwd(x, shift, scale, 1e-6, torch.float32)
+    dout = torch.randn(2, 11, 24)
+    return [
+        ("linear_attention_fwd", (q, k, v, 1e-6)),
+        ("linear_attention_bwd", (*(t.detach() for t in (q, k, v, *la_out)), torch.randn(1, 2, 11, 16))),
+        ("modulate_layernorm_fwd", (x, shift.requires_grad_(), scale.requires_grad_(), 1e-6, torch.float32)),
+        ("modulate_layernorm_bwd", (x.detach(), scale.detach(), dout, *(t.detach() for t in ln_out[1:]))),
+        ("gated_residual_fwd", (x, gate.requires_grad_(), y, torch.float32)),
+        ("gated_residual_bwd", (dout, gate.detach(), y.detach())),
+        ("gather_tokens", (x, index)),
+        ("gather_tokens_bwd", (rows.detach(), index, 2, 11)),
+        ("scatter_add_tokens", (x, index, rows, gate)),
+        ("scatter_add_tokens", (x, index, rows, None)),
+        ("scatter_add_tokens_bwd", (dout, index, rows.detach(), gate.detach())),
+    ]
+
+
+def test_custom_ops_fake_and_autograd_registrations_agree_with_the_kernels():
+    """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and strides,
+    autograd is registered (the backward ops are first order: called without grad), and each op traces
+    through AOT autograd with dynamic shapes."""
+    for name, args in _op_cases():
+        torch.library.opcheck(getattr(torch.ops.ditill, name).default, args)
 
 
 def test_dispatched_ops_agree():
