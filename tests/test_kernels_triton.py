@@ -346,6 +346,23 @@ def test_custom_ops_fake_and_autograd_registrations_agree_with_the_kernels():
         torch.library.opcheck(getattr(torch.ops.ditill, name).default, args)
 
 
+def test_flop_counter_counts_the_linear_attention_ops_as_the_reference_matmuls():
+    """FlopCounterMode cannot see into a custom op: the registered formulas give what it counts for the
+    reference (its matmuls), forward and backward, so FLOPs measured with kernels: triton stay right."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 9, 16, torch.float32, nk=11, e=8))
+    counts = []
+    for op in (la.linear_attention, reference.linear_attention):
+        with FlopCounterMode(display=False) as counter:
+            with torch.no_grad():
+                op(q, k, v)
+            forward = counter.get_total_flops()
+            op(q, k, v).sum().backward()
+        counts.append((forward, counter.get_total_flops() - forward))
+    assert counts[0] == counts[1] and counts[1][0] == 2 * 2 * 2 * 16 * 8 * (9 + 11)
+
+
 def test_dispatched_ops_agree():
     """One call of every op through both op sets, as a model would make them."""
     tri, ref = dispatch.get_ops("triton", "cpu"), dispatch.REFERENCE_OPS

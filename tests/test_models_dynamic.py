@@ -2,6 +2,7 @@
 dynamic student with every unit on is exactly its static teacher."""
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.dynamic import UnitSelection, gumbel_sigmoid_ste
 from models.flops import block_cost, realised_ratio
@@ -24,23 +25,49 @@ def _route_partially(model, seed=1):
     return model
 
 
+def _block_flops(model, x, t, y) -> tuple[dict[str, int], dict]:
+    """FLOPs FlopCounterMode counts in each block's attention and MLP modules, and the forward's aux."""
+    with FlopCounterMode(display=False) as counter:
+        _, aux = model(x, t, y, return_aux=True)
+    counts = counter.get_flop_counts()
+    names = [f"{type(model).__name__}.blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp")]
+    return {n: sum(counts.get(n, {}).values()) for n in names}, aux
+
+
 @pytest.mark.parametrize("name", ["dydit-s/2", "dylit-s/2"])
 @pytest.mark.parametrize("shared_t", [True, False])
-def test_eval_masked_and_sliced_paths_agree(name, shared_t):
+def test_eval_masked_and_sliced_paths_agree_and_sliced_computes_only_the_active_units(name, shared_t):
+    """Same output, and the sliced path's multiply-adds (FlopCounterMode: matmuls and convolutions, so
+    LiT's attention counts whole but SDPA on the CPU not at all) are the masked path's scaled per block:
+    attention by the heads any sample uses, the MLP by the routed tokens × the groups any sample uses."""
     torch.manual_seed(0)
     m = _route_partially(randomize_(tiny(name, depth=3), seed=3)).eval()
+    with torch.no_grad():
+        m.blocks[0].attn_rate.router.bias.fill_(-10.0)  # block 0 runs head 0 alone and block 1 channel group 0
+        m.blocks[1].mlp_rate.router.bias.fill_(-10.0)  # alone, for every t: heads and groups are sliced too
     x, t, y = tiny_inputs(batch=4)
     if shared_t:
         t = torch.full_like(t, 421.0)  # a sampling step: one t for the whole batch
     m.dynamic_exec = "masked"
     out_masked, aux_m = m(x, t, y, return_aux=True)
+    flops_masked, _ = _block_flops(m, x, t, y)
     m.dynamic_exec = "sliced"
     out_sliced, aux_s = m(x, t, y, return_aux=True)
+    flops_sliced, _ = _block_flops(m, x, t, y)
     ratio = aux_s["flops_ratio"]
     assert (ratio < 0.95).all() and (ratio > 0.2).all(), ratio  # the routers really skip work
     for k in ("head_masks", "channel_masks", "token_masks"):
         assert torch.equal(aux_m[k], aux_s[k])
     torch.testing.assert_close(out_sliced, out_masked, rtol=1e-5, atol=1e-5)
+    heads = aux_s["head_masks"].any(0).double().mean(-1)  # (depth,) heads computed / all
+    groups = aux_s["channel_masks"].any(0).double().mean(-1)
+    tokens = aux_s["token_masks"].double().mean((0, 2))  # routed tokens / all
+    for i in range(len(m.blocks)):
+        attn, mlp = f"DiT.blocks.{i}.attn", f"DiT.blocks.{i}.mlp"
+        assert flops_masked[attn] > 0 and flops_masked[mlp] > 0
+        assert flops_sliced[attn] / flops_masked[attn] == pytest.approx(heads[i].item(), rel=1e-12), attn
+        assert flops_sliced[mlp] / flops_masked[mlp] == pytest.approx((tokens[i] * groups[i]).item(), rel=1e-12), mlp
+    assert heads[0] < 1 and (tokens < 1).any() and (groups < 1).any()  # each kind of saving was exercised
 
 
 @pytest.mark.parametrize("name", ["dydit-s/2"])

@@ -29,7 +29,8 @@ def test_depthwise_conv_matches_conv2d_autograd(shape):
 
 def test_depthwise_conv_custom_op_registration_and_autocast():
     """opcheck: the fake output (channels-last, the compute dtype) matches the real one, autograd is
-    registered. Under bf16 autocast it computes what F.conv2d would (bf16), gradients in the inputs' dtypes."""
+    registered. Under bf16 autocast it computes what F.conv2d would (bf16), gradients in the inputs' dtypes;
+    FlopCounterMode counts it as F.conv2d."""
     x = torch.randn(2, 6, 5, 7, requires_grad=True)
     w = torch.randn(6, 1, 5, 5, requires_grad=True)
     b = torch.randn(6, requires_grad=True)
@@ -42,6 +43,14 @@ def test_depthwise_conv_custom_op_registration_and_autocast():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     grads = torch.autograd.grad(got.float().sum(), (x, w, b))
     assert [g.dtype for g in grads] == [torch.float32] * 3
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for conv in (depthwise_conv2d, lambda x, w, b: F.conv2d(x, w, b, padding=2, groups=6)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            conv(x, w, b)
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] == 2 * 2 * 6 * 5 * 7 * 25  # the op's registered formula: F.conv2d's count
 
 
 def _naive_lit(attn: LinearAttention, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

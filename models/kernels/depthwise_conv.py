@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,6 +66,12 @@ def _backward(ctx, grad: Tensor):
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.ditill.depthwise_conv2d_cpu)
+def _conv_flops(x_shape, w_shape, bias_shape, dtype, *, out_shape) -> int:
+    """FlopCounterMode's count of the F.conv2d inside (it does not see into a custom op)."""
+    return conv_flop_count(x_shape, w_shape, out_shape)
 
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from models.kernels import linear_attention_kernels as K
 from models.kernels import reference
@@ -189,6 +190,24 @@ def _backward_rule(ctx, dout, *_):  # first order only: the backward op has no a
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# FlopCounterMode does not see into custom ops: count what it counts for the reference, its matmuls
+# (the normaliser φ(q)·z is elementwise work it does not count): φ(k)ᵀv and φ(q)S forward, twice that
+# backward (dq, dS, dk, dv).
+def _matmul_flops(q_shape, k_shape, v_shape) -> int:
+    b, h, nq, d = q_shape
+    return 2 * b * h * d * v_shape[-1] * (nq + k_shape[-2])
+
+
+@register_flop_formula(torch.ops.ditill.linear_attention_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, eps, *, out_shape) -> int:
+    return _matmul_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.ditill.linear_attention_bwd)
+def _bwd_flops(q_shape, k_shape, v_shape, *saved_and_grad, out_shape) -> int:
+    return 2 * _matmul_flops(q_shape, k_shape, v_shape)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
