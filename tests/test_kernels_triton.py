@@ -228,32 +228,58 @@ def test_gather_tokens_matches_reference(dtype):
 
 # ---- benchmark --------------------------------------------------------------------------------
 
-def test_benchmark_cpu_run_prints_reference_table(capsys):
+def test_benchmark_cpu_run_prints_reference_table(monkeypatch, capsys):
+    """Without CUDA: reference and SDPA rows only, each timing its own impl (operator-count clock, see below)."""
     from launch.benchmarks import kernels as bench
+    from tests.bench_clocks import OpCountMode, install, op_count
 
-    assert bench.main(["--json", "--res", "64"]) == 0
+    clock = OpCountMode()
+    install(monkeypatch, bench, clock)
+    with clock:
+        assert bench.main(["--json", "--res", "64"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {r["impl"] for r in report["rows"]} == {"reference", "sdpa"}
-    assert all(r["ms"] > 0 for r in report["rows"]) and report["bars"]["measured"] is False
+    assert {r["impl"] for r in report["rows"]} == {"reference", "sdpa"} and report["bars"]["measured"] is False
+    work = {}
+    for op, _, inputs, impls in bench.cases(bench.CPU_RES_BATCH[64], bench.tokens(64), torch.device("cpu"), torch.float32, None):
+        for impl, fn in impls.items():
+            work[op, impl] = op_count(bench.fwd_bwd(fn, inputs, torch.randn_like(fn(*inputs).detach())))
+    assert {(r["op"], r["impl"]): r["ms"] for r in report["rows"]} == {k: 1e3 * v for k, v in work.items()}
 
 
 def test_benchmark_triton_rows_ratios_and_bars(monkeypatch, capsys):
     """The GPU-only code paths, run on the interpreter at toy sizes: Triton rows with their error
-    checks, the ratios, and the bars (on made-up 2048² rows)."""
-    from launch.benchmarks import kernels as bench
+    checks, the ratios, and the bars (on made-up 2048² rows).
 
-    monkeypatch.setattr(bench, "time_ms", lambda fn, device: 1.0)
+    `time_ms` runs as it is, on an operator-count clock (tests/bench_clocks.py: `perf_counter` reads
+    how many operators reached the dispatcher, a fused custom op counting once): each row's median
+    must be 1000 × the operators of one forward+backward of that very impl, counted here on the
+    same cases built afresh, so a row that timed another impl, or a ratio of the wrong rows, shows."""
+    from launch.benchmarks import kernels as bench
+    from tests.bench_clocks import OpCountMode, install, op_count
+
     tri = {"linear_attention": la, "adaln": adaln, "token_routing": token_routing}
     heads = (("linear_attention LiT-S", 2, 24),)
-    rows = bench.measure({64: 1}, torch.device("cpu"), torch.float32, tri, heads=heads, width=40)
+    clock = OpCountMode()
+    install(monkeypatch, bench, clock)
+    with clock:
+        rows = bench.measure({64: 1}, torch.device("cpu"), torch.float32, tri, heads=heads, width=40)
     assert not [r.note for r in rows if r.note], "a case failed"
     assert not bench.mismatches(rows, torch.float32)
     tri_rows = [r for r in rows if r.impl == "triton"]
     assert len(tri_rows) == 5 and all(r.err is not None and r.err < 1e-5 for r in tri_rows)
+    work = {}
+    for op, _, inputs, impls in bench.cases(1, bench.tokens(64), torch.device("cpu"), torch.float32, tri, heads=heads, width=40):
+        for impl, fn in impls.items():
+            grad = torch.randn_like(fn(*inputs).detach())
+            work[op, impl] = op_count(bench.fwd_bwd(fn, inputs, grad))
+    assert {(r.op, r.impl): r.ms for r in rows} == {k: 1e3 * v for k, v in work.items()}
     ratio_rows = bench.ratios(rows)
     assert {q["op"] for q in ratio_rows} == {r.op for r in tri_rows}
+    for q in ratio_rows:
+        assert q["speedup_vs_reference"] == work[q["op"], "reference"] / work[q["op"], "triton"], q
     la_ratio = next(q for q in ratio_rows if q["op"] == "linear_attention LiT-S")
-    assert la_ratio["speedup_vs_reference"] == 1.0 and la_ratio["speedup_vs_sdpa"] == 1.0
+    assert la_ratio["speedup_vs_reference"] > 1  # one fused op each way against the reference's many
+    assert la_ratio["speedup_vs_sdpa"] == work["softmax SDPA DiT-S", "sdpa"] / work["linear_attention LiT-S", "triton"]
 
     def row(op, impl, ms, mib):
         return bench.Row(op, impl, 2048, 16384, 2, "", "bfloat16", ms=ms, peak_mib=mib)
