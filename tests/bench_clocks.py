@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from types import ModuleType
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,5 +54,3 @@ def install(monkeypatch, module: ModuleType, mode: TorchDispatchMode) -> None:
         read = lambda: float(mode.count)  # noqa: E731
     monkeypatch.setattr(module, "time", _TimeShim(read))
 
-
-__all__ = ["FlopCounterMode", "OpCountMode", "flop_count", "install", "op_count", "torch"]
