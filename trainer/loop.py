@@ -130,6 +130,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                     micro = step_fn(batch, step, watch, 1.0 / accum, micro=a)
                 for k, v in micro.items():
                     terms[k] = terms.get(k, 0.0) + v / accum
+            terms = faults.loss(step + 1, env.rank, terms)
             faults.step(step + 1, env.rank, lambda: preempt.requested)
             # one collective: has any rank been signalled, has any rank a non-finite loss?
             stop, bad_loss = agree([preempt.requested, not math.isfinite(float(terms["loss"]))], env.device)

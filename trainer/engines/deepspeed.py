@@ -10,7 +10,11 @@
   steps included, as in the torch engines).
 - Batch sizes, accumulation, clipping and bf16 come from the run config: the JSON's `"auto"`
   values are filled in, and an explicit value that contradicts the run config is an error.
-- A non-finite gradient makes ZeRO skip the update (its overflow check); `skipped` reports it.
+- A skipped step, as the loop agrees it (a non-finite loss on any rank, `skip=True`), runs ZeRO's step
+  with the wrapped torch optimizer's update withheld (`withheld_update`): ZeRO clears the gradients,
+  keeps its collectives in step across ranks and copies its unchanged fp32 masters back, so no
+  weight, Adam moment or step count moves, and the EMA is not updated. A non-finite gradient makes
+  ZeRO skip the update itself (its overflow check). `skipped` reports either.
 - EMA (`ShardedEMA`): each rank keeps an fp32 EMA of exactly the fragment of each parameter whose
   fp32 master weights its optimizer partition holds (ZeRO-1/2: the `_hp_mapping` fragments; ZeRO-3:
   the rank's partition). The update is local (no communication), the EMA costs 1/world of a model
@@ -27,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -236,6 +239,21 @@ class DeepSpeedState:
         return every[rank::world_size]
 
 
+@contextlib.contextmanager
+def withheld_update(optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
+    """Inside, each optimizer's `step` does nothing (moves no parameter, moment or step count)."""
+    saved = [vars(opt).get("step") for opt in optimizers]
+    for opt in optimizers:
+        opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for opt, own in zip(optimizers, saved):
+            del opt.step
+            if own is not None:
+                opt.step = own
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -259,7 +277,10 @@ class DeepSpeedEngine(Engine):
             if any(hasattr(p, "ds_id") for p in self.teacher.parameters()):
                 raise RuntimeError("the teacher's parameters were partitioned by ZeRO-3; it must stay outside the engine")
         self.ema = ShardedEMA(self.ds, cfg.ema, self.stage, env.rank, env.world_size)  # type: ignore[assignment]
-        self._warned_skip = False
+        # the torch optimizers ZeRO steps on its fp32 partitions: ours, and any it made (offload)
+        self._torch_optimizers = [o for o in vars(self.ds.optimizer).values() if isinstance(o, torch.optim.Optimizer)]
+        if optimizer not in self._torch_optimizers:
+            raise RuntimeError("DeepSpeed did not wrap DiTill's optimizer; a skipped step could not withhold its update")
 
     def accumulate(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         self.ds.set_gradient_accumulation_boundary(last_micro_batch)
@@ -269,17 +290,15 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)  # the step already divides by the accumulation count
 
     def step(self, step: int, skip: bool = False) -> dict[str, float]:
-        self.ds.step()
-        applied = not bool(getattr(self.ds.optimizer, "overflow", False))
-        if applied and skip and not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn("a loss was non-finite but its gradients were finite: ZeRO applied the update")
+        with withheld_update(self._torch_optimizers) if skip else contextlib.nullcontext():
+            self.ds.step()  # every rank calls it (skip is agreed), so ZeRO's collectives stay matched
+        applied = not skip and not bool(getattr(self.ds.optimizer, "overflow", False))
         if applied:
             self.ema.update(step)
         self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return {"grad_norm": norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(not applied or skip)}
+        return {"grad_norm": norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(not applied)}
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("DeepSpeed engines are checkpointed through checkpoint_state()")
