@@ -97,7 +97,7 @@ def test_sliced_inference_breaks_only_at_routing_decisions_and_matches_eager():
         assert 0 < masks["token"].mean() < 1 and masks["channel"].mean() < 1, "the routers must skip work"
         explained = torch._dynamo.explain(block)(x, c, t_emb, GRID, "sliced")
         places = {(b.user_stack[-1].filename.rsplit("/", 2)[-2:][-1], b.user_stack[-1].name) for b in explained.break_reasons}
-        assert places <= {("dynamic.py", "from_mask"), ("dynamic.py", "weights_version"), ("dit.py", "_sliced_mlp")}, places
+        assert places <= {("dynamic.py", "from_mask"), ("dynamic.py", "weights_version"), ("dynamic.py", "token_routed_residual")}, places
         torch._dynamo.reset()
         got, code = run_and_get_code(torch.compile(block, backend="inductor"), x, c, t_emb, GRID, "sliced")
     code = "\n".join(code)

@@ -95,7 +95,7 @@ def test_run_directory_tensorboard_and_metrics(tmp_path):
                 assert tb[key][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (key, step)
     optim = OptimConfig(lr=1e-3, warmup_steps=4)
     for step, window in ((2, (0, 1)), (4, (2, 3))):  # a logged value is the mean over its window of steps
-        targets = [flops_target(s, 0.5, 4, 1) for s in window]
+        targets = [flops_target(s, 0.5, 4, 1, "continuous") for s in window]  # the config default
         assert tb["flops/target"][step] == pytest.approx(sum(targets) / 2, rel=1e-6)
         assert tb["flops/ratio"][step] == 1.0
         assert tb["loss/flops"][step] == pytest.approx(sum(2 * (1 - x) ** 2 for x in targets) / 2, rel=1e-6)
