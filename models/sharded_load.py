@@ -1,8 +1,9 @@
 """Materialising a model from a (lazy) state dict, each rank reading only the rows it holds.
 
-A model is built on the meta device (`build_meta`: no initialisation, no memory), given the dtypes
-its tensors will have (`set_dtypes`: the stored ones unless asked otherwise), wrapped or sharded by
-the engine and allocated (`to_empty`), then filled (`fill`): a parameter sharded by FSDP2 (a DTensor,
+A model is built with its parameters on the meta device (`build_meta`: no initialisation, no memory),
+given the dtypes its tensors will have (`set_dtypes`: the stored ones unless asked otherwise), wrapped
+or sharded by the engine and allocated (`to_empty_keeping_buffers`), then filled (`fill`): a
+parameter sharded by FSDP2 (a DTensor,
 `Shard(0)` over the mesh) receives the rows of its local shard, a plain tensor the whole tensor,
 always read from the source a row range at a time (`models.lazy`). Nothing here knows a family or an
 engine: ZeRO-3 partitions (flat ranges) use `models.lazy.read_flat` in the DeepSpeed engine.
@@ -20,10 +21,34 @@ Weight = Any  # torch.Tensor | models.lazy.LazyTensor
 
 
 def build_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """`build()` on the meta device: shapes and names only (tensors a constructor makes from numpy stay
-    on the CPU; `to_empty` replaces them and `fill` writes the stored values)."""
-    with torch.device("meta"):
+    """`build()` with every parameter on the meta device (shapes and names only: no initialisation, no
+    memory). Buffers are computed as the constructor computes them (they are small): a non-persistent
+    one (a RoPE table, a fixed position embedding), which no weights file holds, keeps its value through
+    `to_empty_keeping_buffers`; persistent ones are then filled from the weights like parameters."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
         return build()
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def to_empty_keeping_buffers(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module.to_empty(device)` (allocate every tensor, after sharding: only this rank's shards), then
+    the non-persistent buffers' constructed values copied back (`to_empty` leaves them uninitialised)."""
+    keep = {name: b.detach().to("cpu", copy=True) for name, b in named_non_persistent(module)}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in named_non_persistent(module):
+            b.copy_(keep[name])
+    return module
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,9 +65,9 @@ def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def non_persistent_buffers(module: nn.Module) -> list[str]:
-    return [f"{prefix}.{name}".lstrip(".") for prefix, mod in module.named_modules()
-            for name in mod._non_persistent_buffers_set if mod._buffers.get(name) is not None]
+def named_non_persistent(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{prefix}.{name}".lstrip("."), mod._buffers[name]) for prefix, mod in module.named_modules()
+            for name in sorted(mod._non_persistent_buffers_set) if mod._buffers.get(name) is not None]
 
 
 def set_dtypes(module: nn.Module, state: Mapping[str, Weight], dtype: torch.dtype | None) -> None:
@@ -123,10 +148,8 @@ def copy_local(dst: nn.Module, src: nn.Module, keys: Iterable[str] | None = None
 
 
 def unfilled(module: nn.Module, filled: Iterable[str]) -> list[str]:
-    """Tensors that `fill` did not write (after `to_empty` they hold garbage): the state-dict names left
-    over, and non-persistent buffers, which no weights file holds."""
-    done = set(filled)
-    return sorted(set(state_tensors(module)) - done) + non_persistent_buffers(module)
+    """Parameters and persistent buffers that `fill` did not write (after `to_empty` they hold garbage)."""
+    return sorted(set(state_tensors(module)) - set(filled))
 
 
 def local_numel(module: nn.Module) -> Iterator[tuple[str, int, int]]:
