@@ -145,7 +145,8 @@ def _bytes_digest(p: Path) -> str:
 
 @dataclass
 class RawWeights:
-    """A weights file as read, before any family maps its names.
+    """A weights file as read, before any family maps its names (values: tensors, or lazy tensors of
+    `models.lazy` when read with `lazy=True`; a converter handles both through the `models.lazy` helpers).
 
     `ours`: our config from the safetensors metadata (then the names are already ours) and `family`
     the family named there (first-wave files have a config but no family: DiT). `diffusers_config`:

@@ -148,6 +148,23 @@ def test_teacher_identity_is_hashed_once_per_file_and_again_when_it_changes(tmp_
     assert len(list((tmp_path / "cache" / "digests").iterdir())) == 2  # identity + the file's content digest
 
 
+def test_teacher_identity_is_the_first_waves_so_its_checkpoints_resume(teachers, tmp_path, monkeypatch):
+    """A manifest written by the first wave holds sha256(file name + bytes) for a pickled teacher and
+    sha256(file name + content digest) for safetensors: the cached identity is the same hash."""
+    import hashlib
+    from pathlib import Path
+
+    from models.convert import weights_digest
+    from trainer.build import teacher_identity
+
+    monkeypatch.setenv("DITILL_CACHE_DIR", str(tmp_path))
+    pt, st = Path(teachers["official.pt"]), Path(teachers["fp32.safetensors"])
+    cfg = _teacher().config
+    assert teacher_identity(str(pt), cfg)["sha256"] == hashlib.sha256(pt.name.encode() + pt.read_bytes()).hexdigest()
+    first_wave = hashlib.sha256(st.name.encode() + weights_digest(st, cache=False).encode()).hexdigest()
+    assert teacher_identity(str(st), cfg)["sha256"] == first_wave
+
+
 def test_teacher_dtype_defaults_to_stored_and_the_first_waves_auto_still_validates(tmp_path):
     from trainer.config import ConfigError
     from trainer.distributed import DistEnv
