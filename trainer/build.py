@@ -19,10 +19,9 @@ from torch import nn
 
 from models import build_model, family_of, model_config
 from models.convert import Checkpoint, read_checkpoint, weights_digest
-from models.weights_io import cached_digest
 from models.diffusion import build_objective as _build_objective
 from models.inherit import InheritPlan, default_exclude, plan_inheritance
-from models.lazy import close_sources
+from models.weights_io import cached_digest
 from trainer.config import ConfigError, RunConfig
 
 
@@ -110,14 +109,6 @@ class TeacherSource:
 
     checkpoint: Checkpoint  # lazy tensors: each rank reads its own rows when the engine places it
     identity: dict[str, Any]
-
-    @property
-    def config(self) -> Any:
-        return self.checkpoint.config
-
-    def close(self) -> None:
-        """Unmap the weights file (after the engine placed the teacher and filled the student)."""
-        close_sources(self.checkpoint.state_dict)
 
 
 def open_teacher(cfg: RunConfig) -> TeacherSource | None:

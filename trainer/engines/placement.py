@@ -1,13 +1,14 @@
 """Where a run's models live: the teacher placed from its (lazy) weights file, FSDP2 units, and the
 student's inherited weights filled once the student is placed.
 
-The teacher is never built whole: it is built with its parameters on the meta device, given its dtype
-(the stored one unless `teacher.dtype` says otherwise: `set_dtypes`), then either replicated (allocated on the device
-and every tensor filled, a row range at a time) or sharded in its own FSDP2 units (`fully_shard` per
-block from `all_blocks()`, then the root, then `to_empty`) with each rank filling only the rows of its
-shards (`Shard(0)`). Every engine uses these, DeepSpeed included (its teacher is frozen and outside
-the optimizer, so FSDP2 units give ZeRO-3's memory saving with row-shaped shards a lazy read serves
-directly, and nothing of it enters DeepSpeed's engine, checkpoints or EMA).
+The teacher is never built whole: it is built with its parameters on the meta device, given its
+dtype (the stored one unless `teacher.dtype` says otherwise: `set_dtypes`), then either replicated
+(allocated on the device, every tensor filled from the file) or sharded in its own FSDP2 units
+(`fully_shard` per block from `all_blocks()`, then the root, then allocated) with each rank filling
+only the rows of its shards (`Shard(0)`). Every engine uses these, DeepSpeed included: a frozen
+teacher needs no optimizer partition, so its own FSDP2 units give ZeRO-3's memory saving with
+row-shaped shards that a lazy read serves directly, and nothing of it enters DeepSpeed's engine,
+checkpoints or EMA.
 """
 from __future__ import annotations
 
