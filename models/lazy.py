@@ -65,9 +65,6 @@ class LazyTensor(ABC):
     def nbytes(self) -> int:
         return self.numel() * self.dtype.itemsize
 
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))

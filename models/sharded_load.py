@@ -3,10 +3,10 @@
 A model is built with its parameters on the meta device (`build_meta`: no initialisation, no memory),
 given the dtypes its tensors will have (`set_dtypes`: the stored ones unless asked otherwise), wrapped
 or sharded by the engine and allocated (`to_empty_keeping_buffers`), then filled (`fill`): a
-parameter sharded by FSDP2 (a DTensor,
-`Shard(0)` over the mesh) receives the rows of its local shard, a plain tensor the whole tensor,
-always read from the source a row range at a time (`models.lazy`). Nothing here knows a family or an
-engine: ZeRO-3 partitions (flat ranges) use `models.lazy.read_flat` in the DeepSpeed engine.
+parameter sharded by FSDP2 (a DTensor, `Shard(0)` over the mesh) receives the rows of its local
+shard, a plain tensor the whole tensor, read from the source by row ranges (`models.lazy`). Nothing
+here knows a family or an engine: ZeRO-3 partitions (flat ranges) use `models.lazy.read_flat` in the
+DeepSpeed engine.
 """
 from __future__ import annotations
 
@@ -111,11 +111,10 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 @torch.no_grad()
-def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | None = None,
-         rows_per_read: int | None = None) -> list[str]:
+def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | None = None) -> list[str]:
     """Copy `state[k]` into the module's tensor `k` for each `k` of `keys` (default: all of the
     module's), each rank only its local rows; values are cast to the destination's dtype. Returns the
-    names filled. `rows_per_read` bounds a single read (the transient copy) for very wide tensors."""
+    names filled."""
     own = state_tensors(module)
     names = list(own) if keys is None else list(keys)
     unknown = [k for k in names if k not in own or k not in state]
@@ -128,11 +127,8 @@ def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | N
         local, a, b = local_rows(dst)
         if dst.ndim == 0:
             local.copy_(materialise(src))
-            continue
-        step = rows_per_read or max(b - a, 1)
-        for lo in range(a, b, step):
-            hi = min(b, lo + step)
-            local[lo - a: hi - a].copy_(read_rows(src, lo, hi))
+        elif b > a:
+            local.copy_(read_rows(src, a, b))
     return names
 
 
