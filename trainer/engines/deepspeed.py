@@ -1,10 +1,13 @@
 """DeepSpeed ZeRO (stage 1, 2 or 3 from `engine.deepspeed_config`) behind the Engine interface.
 
-- Only the student enters `deepspeed.initialize`. The teacher is frozen (eval, no grad), replicated
-  on every rank and never wrapped or partitioned: ZeRO-3 hooks and partitions every module it is
-  given (and every module built inside `deepspeed.zero.Init`, which we do not use), so a teacher
-  inside the engine would be partitioned, fetched on every forward and saved with the student.
-  `setup` checks that no teacher parameter carries ZeRO-3's `ds_id`.
+- Only the student enters `deepspeed.initialize`. Under ZeRO-3 it is partitioned by
+  `deepspeed.zero.Init(module=...)` before that, and each rank fills its partitions of what the
+  student inherits straight from the teacher's file (`zero3_student`), so the fp32 masters ZeRO then
+  makes start from the inherited weights. The teacher never enters the engine (it would be saved
+  with the student and hooked by ZeRO): it is frozen and placed by `trainer.engines.placement`,
+  replicated or, with `teacher.shard: true`, in its own FSDP2 units (its ZeRO-3-like partitioning:
+  each rank holds and reads only its rows). `setup` checks that no teacher parameter carries ZeRO's
+  `ds_id`.
 - The optimizer is our torch AdamW (param groups with the router LR multiplier), wrapped by ZeRO;
   the LR schedule is our LambdaLR on the same param groups, stepped by us once per step (skipped
   steps included, as in the torch engines).
@@ -38,9 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.family import Checkpoint
+from models.inherit import InheritPlan
+from models.lazy import read_flat
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig
-from trainer.engines.base import Engine, compute_dtype, freeze, teacher_dtype
+from trainer.engines.base import Engine, compute_dtype
+from trainer.engines.placement import inherit_into, place_teacher
 from trainer.ema import EMA
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallelize import apply_activation_checkpointing, apply_compile
@@ -254,15 +261,56 @@ def withheld_update(optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
                 opt.step = own
 
 
+def zero3_student(deepspeed, student: nn.Module, conf: dict[str, Any], inherit: InheritPlan | None,
+                  device: torch.device) -> nn.Module:
+    """The student partitioned by ZeRO-3's `zero.Init`, its inherited partitions read from the teacher file.
+
+    `zero.Init(module=student)` moves each parameter of the student (built on the CPU with the run's
+    seed, so its random part equals the single-process run's) to the device one at a time, broadcasts
+    it from rank 0 and keeps this rank's flat partition. Each rank then copies the flat range of every
+    inherited tensor its partition holds (`read_flat`: only the rows that cover it). Building the model
+    inside the `zero.Init` context is not an option: a family's model-level initialisation (DiT's
+    `initialize_weights`) would run on parameters already partitioned away and fail."""
+    dtype = torch.bfloat16 if conf.get("bf16", {}).get("enabled") else torch.float32
+    with torch.no_grad():
+        for p in student.parameters():
+            p.data = p.data.to(dtype)  # ZeRO-Init parameters carry the configured dtype
+        for mod in student.modules():
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = b.to(device)  # buffers are never partitioned
+    deepspeed.zero.Init(module=student, config_dict_or_path=conf, dtype=dtype)
+    if inherit is None:
+        return student
+    params = dict(student.named_parameters())
+    buffers = [k for k in inherit.inherited if k not in params]
+    with torch.no_grad():
+        for name in inherit.inherited:
+            if name not in params:
+                continue
+            p, src = params[name], inherit.source[name]
+            part = p.ds_tensor
+            start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+            length = max(0, min(part.ds_numel, p.ds_numel - start))
+            if length:
+                part.narrow(0, 0, length).copy_(read_flat(src, start, start + length))
+    inherit_into(student, InheritPlan(inherited=buffers, source=inherit.source))
+    return student
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def setup(self, student: nn.Module, teacher: Checkpoint | None, inherit: InheritPlan | None = None) -> None:
         deepspeed = import_deepspeed()
         env, cfg = self.env, self.cfg
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
         conf = ds_config(cfg, env.world_size, env.device)
-        self.raw_student = student.to(env.device)
+        if conf["zero_optimization"]["stage"] == 3:
+            self.raw_student = zero3_student(deepspeed, student, conf, inherit, env.device)
+        else:
+            self.raw_student = student.to(env.device)
+            inherit_into(self.raw_student, inherit)  # ZeRO-1/2 keep whole parameters on every rank
         apply_activation_checkpointing(self.raw_student, cfg.engine)
         apply_compile(self.raw_student, cfg.engine)
         optimizer = build_optimizer(param_groups(student.named_parameters(), cfg.dynamic.router_lr_mult), cfg.optim, env.device)
@@ -272,8 +320,7 @@ class DeepSpeedEngine(Engine):
         self.student = self.ds
         self.stage = int(self.ds.zero_optimization_stage())
         if teacher is not None:
-            freeze(teacher)
-            self.teacher = teacher.to(device=env.device, dtype=teacher_dtype(cfg, env.device))
+            self.teacher = place_teacher(teacher, cfg, env, shard=cfg.teacher.shard)
             if any(hasattr(p, "ds_id") for p in self.teacher.parameters()):
                 raise RuntimeError("the teacher's parameters were partitioned by ZeRO-3; it must stay outside the engine")
         self.ema = ShardedEMA(self.ds, cfg.ema, self.stage, env.rank, env.world_size)  # type: ignore[assignment]
