@@ -11,16 +11,15 @@ from torch import nn
 from models.attention import build_attention
 from models.config import DiTConfig
 from models.dynamic import (
-    Router, SlicedWeights, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
+    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
     token_routed_residual,
 )
-from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
 from models.mlp import Mlp
 
 LN_EPS = 1e-6
-EXEC_MODES = ("auto", "masked", "sliced")
 
 
 class DiTBlock(nn.Module):
@@ -104,7 +103,7 @@ class FinalLayer(nn.Module):
         return self.linear(get_ops(self.kernels, x.device).modulate_layernorm(x, shift, scale, LN_EPS))
 
 
-class DiT(nn.Module):
+class DiT(DynamicExecution, nn.Module):
     """Class-conditional diffusion transformer on latents (or pixels).
 
     `forward(x, t, y)` returns the (B, out_channels, H, W) prediction — ε and, with learned σ, the
@@ -121,7 +120,6 @@ class DiT(nn.Module):
         self.out_channels = cfg.out_channels
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
-        self.dynamic_exec = "auto"  # eval of a dynamic model: "sliced" unless set to "masked"
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -203,36 +201,12 @@ class DiT(nn.Module):
         return {"y": torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])}
 
     # --- forward ----------------------------------------------------------------------------------
-    def _exec_mode(self, complete: bool) -> str:
-        if not self.config.dynamic or complete:
-            return "static"
-        if self.training:
-            return "masked"
-        if self.dynamic_exec not in EXEC_MODES:
-            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
-        return "masked" if self.dynamic_exec == "masked" else "sliced"
-
-    def train(self, mode: bool = True) -> "DiT":
-        """Leaving inference drops its caches (width plans, sliced weight copies): they would only
-        hold memory through training, where nothing reads them."""
-        if mode:
-            for module in self.modules():
-                for cache in vars(module).values():
-                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
-                        cache.clear()
-        return super().train(mode)
-
     def plan_key(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> tuple | None:
         """The key under which blocks cache width plans for this forward (see `models.dynamic.plan_key`)."""
         return plan_key(t, t_emb, mode, self.t_embedder.parameters())
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        b = x.shape[0]
-        p, c = self.patch_size, self.out_channels
-        gh, gw = grid_hw
-        x = x.reshape(b, gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(b, c, gh * p, gw * p)
+        return unpatchify(x, grid_hw, self.patch_size, self.out_channels)
 
     def forward(
         self,
@@ -252,7 +226,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y)
-        mode = self._exec_mode(complete)
+        mode = self.exec_mode(complete)
         key = self.plan_key(t, t_emb, mode)
         masks = []
         for block in self.blocks:

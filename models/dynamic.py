@@ -17,11 +17,16 @@ import torch
 from torch import nn
 
 
-def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, threshold: float = 0.5) -> torch.Tensor:
+def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, threshold: float = 0.5, *,
+                       seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
     """Hard 0/1 decisions in the forward pass, sigmoid gradients in the backward pass.
 
     In training, logistic noise (the difference of two Gumbel samples) explores both decisions;
     in eval the decision is the deterministic `sigmoid(logits) > threshold`.
+
+    `seeds` ((B,) int64, one per sample) and `salt` (one per router call site) are the per-sample
+    counter-based noise of issue 9 item 5; every dynamic model already passes them, and until that
+    draw lands here the noise comes from the global RNG as before.
     """
     if training:
         g1 = -torch.empty_like(logits).exponential_().log()
@@ -45,12 +50,12 @@ class Router(nn.Module):
         self.threshold = threshold
         self.router = nn.Linear(dim, num_units - 1) if num_units > 1 else None
 
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, t_emb: torch.Tensor, seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, D) → (B, num_units) mask with column 0 fixed to 1."""
         ones = torch.ones(t_emb.shape[0], 1, device=t_emb.device, dtype=torch.float32)
         if self.router is None:
             return ones
-        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold)
+        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold, seeds=seeds, salt=salt)
         return torch.cat([ones, gate], dim=1)
 
 
@@ -64,10 +69,10 @@ class TokenSelect(nn.Module):
         self.tau = tau
         self.threshold = threshold
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, N, D) → (B, N) token mask."""
         logits = self.mlp_head(x).squeeze(-1).float()
-        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold)
+        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold, seeds=seeds, salt=salt)
 
 
 @dataclass
@@ -120,18 +125,29 @@ class UnitSelection:
 class WidthPlan:
     """One block's timestep-wise width decision for a batch of timesteps: the (B, H) head and (B, G)
     channel-group masks and, for the sliced path, the units to compute. A function of t alone, so
-    inference computes it once per sampling step (see `DiTBlock.cached_width_plan`)."""
+    inference computes it once per sampling step (see `DiTBlock.cached_width_plan`).
+
+    `extra_masks` / `extra`: further width-routed layers of a block by name, e.g. PixArt's
+    cross-attention heads ("cross"); cached and expanded like the two above."""
 
     head_mask: torch.Tensor
     group_mask: torch.Tensor
     heads: UnitSelection | None = None
     groups: UnitSelection | None = None
+    extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, UnitSelection] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, head_mask: torch.Tensor, group_mask: torch.Tensor, sliced: bool) -> "WidthPlan":
+    def build(cls, head_mask: torch.Tensor, group_mask: torch.Tensor, sliced: bool, **extra_masks: torch.Tensor) -> "WidthPlan":
         if not sliced:
-            return cls(head_mask, group_mask)
-        return cls(head_mask, group_mask, UnitSelection.from_mask(head_mask), UnitSelection.from_mask(group_mask))
+            return cls(head_mask, group_mask, extra_masks=extra_masks)
+        return cls(head_mask, group_mask, UnitSelection.from_mask(head_mask), UnitSelection.from_mask(group_mask),
+                   extra_masks, {k: UnitSelection.from_mask(m) for k, m in extra_masks.items()})
+
+    def map_masks(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WidthPlan":
+        """The same plan with `fn` applied to every mask (the selections are shared)."""
+        return WidthPlan(fn(self.head_mask), fn(self.group_mask), self.heads, self.groups,
+                         {k: fn(m) for k, m in self.extra_masks.items()}, self.extra)
 
 
 class SlicedWeights:
@@ -220,9 +236,40 @@ class WidthPlanCache:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
-            p = build()
-            plan = self._plans[key] = WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups)
-        return WidthPlan(plan.head_mask.expand(batch, -1), plan.group_mask.expand(batch, -1), plan.heads, plan.groups)
+            plan = self._plans[key] = build().map_masks(lambda m: m[:1].clone())
+        return plan.map_masks(lambda m: m.expand(batch, -1))
+
+
+EXEC_MODES = ("auto", "masked", "sliced")
+
+
+class DynamicExecution:
+    """What a family's model class mixes in (before `nn.Module`) to run a dynamic student two ways.
+
+    `exec_mode(complete)`: "static" (a teacher, or every unit on), "masked" (training: every unit
+    computed, multiplied by its STE mask) or, in eval, "sliced" (inactive units skipped) unless
+    `dynamic_exec = "masked"` asks for the training path. `train()` drops the inference caches
+    (width plans, sliced weight copies): they would only hold memory through training.
+    """
+
+    dynamic_exec: str = "auto"
+
+    def exec_mode(self, complete: bool) -> str:
+        if not self.config.dynamic or complete:
+            return "static"
+        if self.training:
+            return "masked"
+        if self.dynamic_exec not in EXEC_MODES:
+            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
+        return "masked" if self.dynamic_exec == "masked" else "sliced"
+
+    def train(self, mode: bool = True):
+        if mode:
+            for module in self.modules():
+                for cache in vars(module).values():
+                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
+                        cache.clear()
+        return super().train(mode)
 
 
 def plan_key(t: torch.Tensor, t_emb: torch.Tensor, mode: str, embedder_params) -> tuple | None:
