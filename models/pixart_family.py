@@ -25,7 +25,9 @@ KINDS = ("pixart", "lit", "dydit", "dylit")
 _NAME = re.compile(r"^(?:(lit|dydit|dylit)-)?pixart-sigma-(xl)/2$")
 TEXT = ConditionSpec("text", ("text_emb", "text_mask"), "text_emb")
 SELF_ATTENTION = ("blocks.*.attn.qkv.*", "blocks.*.attn.proj.*", "blocks.*.attn.sr.*", "blocks.*.attn.norm.*")
-PAIR_KEYS = ("in_channels", "patch_size", "learn_sigma", "caption_channels", "model_max_length")
+# what student and teacher must share: inputs, outputs, the caption, and the position function (the
+# training grid and pe_interpolation), or the student would be distilled at shifted positions
+PAIR_KEYS = ("in_channels", "patch_size", "learn_sigma", "caption_channels", "model_max_length", "input_size")
 
 
 def kind_defaults(kind: str, size: str) -> dict[str, Any]:
@@ -91,12 +93,12 @@ class PixArtFamily(ModelFamily):
         return []
 
     def check_pair(self, student_cfg: PixArtConfig, teacher_cfg: PixArtConfig) -> None:
-        for key in PAIR_KEYS:
-            if getattr(student_cfg, key) != getattr(teacher_cfg, key):
-                raise ValueError(
-                    f"student/teacher mismatch: student.args.{key}={getattr(student_cfg, key)!r} but the teacher has "
-                    f"{key}={getattr(teacher_cfg, key)!r}; set student.args.{key} to match"
-                )
+        pairs = [(key, getattr(student_cfg, key), getattr(teacher_cfg, key)) for key in PAIR_KEYS]
+        pairs.append(("pe_interpolation", student_cfg.pe_scale, teacher_cfg.pe_scale))
+        for key, mine, theirs in pairs:
+            if mine != theirs:
+                raise ValueError(f"student/teacher mismatch: student.args.{key}={mine!r} but the teacher has {key}={theirs!r}; "
+                                 f"set student.args.{key} to match")
 
     def flops(self, cfg: PixArtConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None) -> dict[str, float]:
         return static_flops(cfg, latent_hw, text_len)
