@@ -11,10 +11,12 @@ from torch import nn
 from models.attention import build_attention
 from models.config import DiTConfig
 from models.dynamic import (
-    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
-    token_routed_residual,
+    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, init_router_biases_, plan_key, reset_routers_,
+    token_masked_residual, token_routed_residual,
 )
-from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from models.embeddings import (
+    LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_and_patch_, sincos_pos_embed_2d, unpatchify,
+)
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
 from models.mlp import Mlp
@@ -132,15 +134,7 @@ class DiT(DynamicExecution, nn.Module):
 
     # --- initialisation (DiT's, plus DyDiT's "all on" routers) -----------------------------------
     def initialize_weights(self) -> None:
-        def basic(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        init_linear_and_patch_(self, self.x_embedder)
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -155,26 +149,16 @@ class DiT(DynamicExecution, nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def _init_routers(self, block: DiTBlock) -> None:
-        if not block.dynamic:
-            return
-        for router in (block.attn_rate.router, block.mlp_rate.router):
-            if router is not None:
-                nn.init.constant_(router.bias, self.config.width_router_bias)
-        if block.token_routing:
-            nn.init.constant_(block.token_selection.mlp_head[2].bias, self.config.token_router_bias)
+        if block.dynamic:
+            init_router_biases_([block.attn_rate, block.mlp_rate], block.token_selection if block.token_routing else None,
+                                self.config.width_router_bias, self.config.token_router_bias)
 
     def reset_routers(self) -> None:
         """Re-initialise every router "all on" (after inheriting weights from a static teacher)."""
         for block in self.blocks:
             if block.dynamic:
-                for router in (block.attn_rate, block.mlp_rate):
-                    if router.router is not None:
-                        nn.init.xavier_uniform_(router.router.weight)
-                if block.token_routing:
-                    for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
-                        nn.init.xavier_uniform_(lin.weight)
-                        nn.init.zeros_(lin.bias)
-                self._init_routers(block)
+                reset_routers_([block.attn_rate, block.mlp_rate], block.token_selection if block.token_routing else None,
+                               self.config.width_router_bias, self.config.token_router_bias)
 
     def all_blocks(self) -> list[nn.Module]:
         """The transformer blocks in execution order (FSDP units, checkpoint and compile targets)."""

@@ -59,6 +59,27 @@ class Router(nn.Module):
         return torch.cat([ones, gate], dim=1)
 
 
+def init_router_biases_(routers: list[Router], token: "TokenSelect | None", width_bias: float, token_bias: float) -> None:
+    """DyDiT's "all on" start: width routers' biases `width_bias`, the token router's final bias `token_bias`."""
+    for router in routers:
+        if router.router is not None:
+            nn.init.constant_(router.router.bias, width_bias)
+    if token is not None:
+        nn.init.constant_(token.mlp_head[2].bias, token_bias)
+
+
+def reset_routers_(routers: list[Router], token: "TokenSelect | None", width_bias: float, token_bias: float) -> None:
+    """Fresh router weights (xavier) and the "all on" biases, e.g. after inheriting a static teacher."""
+    for router in routers:
+        if router.router is not None:
+            nn.init.xavier_uniform_(router.router.weight)
+    if token is not None:
+        for lin in (token.mlp_head[0], token.mlp_head[2]):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+    init_router_biases_(routers, token, width_bias, token_bias)
+
+
 class TokenSelect(nn.Module):
     """Spatial token router: a two-layer MLP per token on the residual stream after attention."""
 

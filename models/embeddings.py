@@ -61,6 +61,21 @@ def unpatchify(x: torch.Tensor, grid_hw: tuple[int, int], patch_size: int, chann
     return x.reshape(b, channels, gh * patch_size, gw * patch_size)
 
 
+def init_linear_and_patch_(model: nn.Module, patch: PatchEmbed) -> None:
+    """DiT's and PixArt's base initialisation: every Linear xavier-uniform with a zero bias, and the patch
+    embedding's conv weight xavier-uniform as if it were a Linear (its bias keeps torch's default)."""
+
+    def basic(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(basic)
+    w = patch.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoid of t (256 frequencies, cat[cos, sin], divided by `half` as official DiT) → MLP."""
 

@@ -28,10 +28,10 @@ from torch import nn
 
 from models.attention import CrossAttention, build_attention
 from models.dynamic import (
-    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
-    token_routed_residual,
+    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, init_router_biases_, plan_key, reset_routers_,
+    token_masked_residual, token_routed_residual,
 )
-from models.embeddings import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from models.embeddings import PatchEmbed, TimestepEmbedder, init_linear_and_patch_, sincos_pos_embed_2d, unpatchify
 from models.kernels.dispatch import get_ops
 from models.mlp import Mlp
 from models.pixart_config import PixArtConfig
@@ -198,47 +198,27 @@ class PixArt(DynamicExecution, nn.Module):
 
     # --- initialisation (PixArt's, plus DyDiT's "all on" routers) --------------------------------
     def initialize_weights(self) -> None:
-        def basic(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        init_linear_and_patch_(self, self.x_embedder)
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
                     self.y_embedder.y_proj.fc2):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-            self._init_router_biases(block)
+            if block.dynamic:
+                init_router_biases_(*self._routers(block))
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def _init_router_biases(self, block: PixArtBlock) -> None:
-        if not block.dynamic:
-            return
-        for router in block.width_routers():
-            if router.router is not None:
-                nn.init.constant_(router.router.bias, self.config.width_router_bias)
-        if block.token_routing:
-            nn.init.constant_(block.token_selection.mlp_head[2].bias, self.config.token_router_bias)
+    def _routers(self, block: PixArtBlock) -> tuple:
+        token = block.token_selection if block.token_routing else None
+        return block.width_routers(), token, self.config.width_router_bias, self.config.token_router_bias
 
     def reset_routers(self) -> None:
         """Re-initialise every router "all on" (after inheriting weights from a static teacher)."""
         for block in self.blocks:
-            if not block.dynamic:
-                continue
-            for router in block.width_routers():
-                if router.router is not None:
-                    nn.init.xavier_uniform_(router.router.weight)
-            if block.token_routing:
-                for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
-                    nn.init.xavier_uniform_(lin.weight)
-                    nn.init.zeros_(lin.bias)
-            self._init_router_biases(block)
+            if block.dynamic:
+                reset_routers_(*self._routers(block))
 
     def all_blocks(self) -> list[nn.Module]:
         """The transformer blocks in execution order (FSDP units, checkpoint and compile targets)."""

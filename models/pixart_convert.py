@@ -14,12 +14,12 @@ The result is checked key by key against a meta-device model.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any, Mapping
 
 import torch
 
+from models.convert_shapes import backbone_fields, grid_input_size, heads_by_width, required
 from models.family import Checkpoint
 from models.pixart import PixArt
 from models.pixart_config import SIZES, PixArtConfig
@@ -157,41 +157,16 @@ def config_from_diffusers(dcfg: Mapping[str, Any], source: str) -> dict[str, Any
 def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: str) -> dict[str, Any]:
     """PixArtConfig fields from tensor shapes; `known` (diffusers config, overrides) wins where given."""
 
-    def need(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise CheckpointError(f"{source}: no {key!r}; not a PixArt-Σ checkpoint (keys: {few(sorted(sd))})")
-        return sd[key]
-
-    w = need("x_embedder.proj.weight")  # (D, C, p, p)
-    hidden, in_ch, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    out_ch = need("final_layer.linear.weight").shape[0] // (patch * patch)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise CheckpointError(f"{source}: final layer gives {out_ch} channels for {in_ch} input channels")
-    f: dict[str, Any] = {
-        "hidden_size": hidden, "in_channels": in_ch, "patch_size": patch, "depth": depth, "learn_sigma": out_ch == 2 * in_ch,
-        "caption_channels": int(need("y_embedder.y_proj.fc1.weight").shape[1]),
-        "mlp_ratio": need("blocks.0.mlp.fc1.weight").shape[0] / hidden if depth else 4.0,
-    }
+    f: dict[str, Any] = backbone_fields(sd, source, "PixArt-Σ")
+    f["caption_channels"] = int(required(sd, "y_embedder.y_proj.fc1.weight", source, "PixArt-Σ").shape[1])
     if NULL_KEY in sd:
         f["model_max_length"] = int(sd[NULL_KEY].shape[0])
     kv = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"blocks\.(\d+)\.attn\.sr\.weight", k)))
     if kv:
         f["kv_compress_layers"], f["kv_compress_scale"] = kv, int(sd[f"blocks.{kv[0]}.attn.sr.weight"].shape[-1])
-    if "pos_embed" in sd:
-        n = int(sd["pos_embed"].shape[-2])
-        if math.isqrt(n) ** 2 != n:
-            raise CheckpointError(f"{source}: pos_embed has {n} tokens, not a square training grid")
-        f["input_size"] = math.isqrt(n) * patch
-    elif "input_size" not in known:
-        raise CheckpointError(f"{source}: no pos_embed to infer the training latent size from; pass input_size= "
-                              "(launch.convert: --input-size; 128 for the 1024-px checkpoints)")
+    f.update(grid_input_size(sd, known, f["patch_size"], source, " (launch.convert: --input-size; 128 for the 1024-px checkpoints)"))
     f.update(known)
-    if "num_heads" not in f:
-        if hidden not in HEADS_BY_HIDDEN:
-            raise CheckpointError(f"{source}: cannot infer the number of heads for hidden size {hidden} (registry widths: "
-                                  f"{HEADS_BY_HIDDEN}); pass num_heads=N (launch.convert: --num-heads N)")
-        f["num_heads"] = HEADS_BY_HIDDEN[hidden]
+    heads_by_width(f, HEADS_BY_HIDDEN, source)
     return f
 
 
