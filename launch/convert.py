@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.info import parse_overrides
+from launch.info import count_params, parse_overrides
 from models.convert import CheckpointError, describe, read_checkpoint, save_safetensors
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    params = sum(v.numel() for k, v in ckpt.state_dict.items() if k != "pos_embed")
+    params = count_params(ckpt.config)["total"]  # parameters only: fixed buffers (positions, null caption) excluded
     print(f"{ckpt.format} {args.src} -> {args.out}: {describe(ckpt.config)}, {params:,} params")
     return 0
 

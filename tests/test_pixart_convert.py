@@ -141,6 +141,7 @@ def test_launch_convert_both_formats(oracle, tmp_path, capsys):
                          "--set", "pe_interpolation=1.0"]) == 0
     out = capsys.readouterr().out
     assert "diffusers" in out and "official" in out and "PixArt(hidden=16" in out
+    assert f"{sum(p.numel() for p in oracle.parameters()):,} params" in out  # T2I.md §6: 16,464; no buffers
     for name in ("a", "b"):
         model = load_pretrained(tmp_path / f"{name}.safetensors")  # config from the metadata: no overrides
         assert model.config.pe_scale == 1.0 and model.config.model_max_length == L
