@@ -1,6 +1,6 @@
 """`python -m launch.benchmark SUITE [--json] [suite options]`.
 
-Each suite lives in `launch/benchmarks/<suite>.py` and exposes `main(argv) -> int`; this file only
+Each suite lives in `launch/benchmarks/<suite>.py` (hyphens as underscores) and exposes `main(argv) -> int`; this file only
 dispatches, so suites stay independent of one another.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "teacher_load")
+SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "teacher_load", "pixart", "pixart-routing")
 
 
 def main(argv: list[str] | None = None) -> int:

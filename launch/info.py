@@ -1,8 +1,11 @@
-"""`python -m launch.info MODEL [--json] [key=value ...]`: parameters and GFLOPs of a registry model.
+"""`python -m launch.info MODEL [--json] [--resolution R ...] [key=value ...]`: parameters and GFLOPs of a
+registry model.
 
 Thin: parse, build on the meta device (no weights are allocated, so `dit-xl/2` costs nothing), ask
 the model's family for the analytic counts, print. FLOPs are multiply-adds per image at the model's
-native resolution (the DiT paper's unit), so dit-xl/2 reads 118.6 GFLOPs as in the paper.
+native resolution (the DiT paper's unit), so dit-xl/2 reads 118.6 GFLOPs as in the paper; a family
+that runs at any size (PixArt-Σ) also reports the resolutions it names (`report_resolutions`), and
+`--resolution 512 768x1024` asks for others (pixels, square or H×W).
 """
 from __future__ import annotations
 
@@ -78,13 +81,36 @@ def count_params(cfg: Any) -> dict[str, int]:
     return {**groups, "total": sum(counts.values())}
 
 
-def model_info(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Everything `launch.info` prints, as one JSON-able dict (GFLOPs per image)."""
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """`1024` → 1024 (square), `768x1024` → (768, 1024) pixels (height × width)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise ValueError(f"resolution {text!r} is not R or HxW in pixels (e.g. 1024 or 768x1024)")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def at_resolution(family, cfg: Any, resolution: int | tuple[int, int]) -> dict[str, Any]:
+    """Latent, tokens and GFLOPs per image at a pixel resolution (the family checks it fits)."""
+    _, h, w = family.latent_shape(cfg, resolution)
+    flops = family.flops(cfg, (h, w))
+    px = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return {"resolution": list(px), "latent": [h, w], "tokens": family.image_tokens(cfg, (h, w)),
+            "gflops": flops["total"] / 1e9, "gflops_parts": {g: flops.get(g, 0.0) / 1e9 for g in PARAM_GROUPS}}
+
+
+def model_info(name: str, overrides: dict[str, Any], resolutions: list[int | tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Everything `launch.info` prints, as one JSON-able dict (GFLOPs per image). `resolutions`: pixel
+    sizes to report besides the native one (default: the family's `report_resolutions`)."""
     family, _ = resolve_name(name)
     check_types(family.config_cls, overrides)
     cfg = model_config(name, **overrides)
     _, h, w = family.latent_shape(cfg)
     flops = family.flops(cfg)
+    extra = list(family.report_resolutions) if resolutions is None else resolutions
     return {
         "model": name.lower(),
         "family": family.name,
@@ -98,6 +124,7 @@ def model_info(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         "params": count_params(cfg),
         "gflops": flops["total"] / 1e9,
         "gflops_parts": {g: flops.get(g, 0.0) / 1e9 for g in PARAM_GROUPS},
+        "at_resolutions": [at_resolution(family, cfg, r) for r in extra],
     }
 
 
@@ -118,6 +145,13 @@ def format_table(info: dict[str, Any]) -> str:
         tot = info["gflops_parts"][name]
         lines.append(f"{name:<14}{p[name]:>16,}{tot:14.4f}{100 * tot / g:7.1f}%")
     lines.append(f"{'total':<14}{p['total']:>16,}{g:14.4f}{100.0:7.1f}%")
+    if info.get("at_resolutions"):
+        lines += ["", "GFLOPs per image (multiply-adds) at other resolutions:",
+                  f"{'pixels':<12}{'latent':<10}{'tokens':>8}{'GFLOPs':>12}" + "".join(f"{n:>12}" for n in PARAM_GROUPS)]
+        for r in info["at_resolutions"]:
+            px, lat = "x".join(map(str, r["resolution"])), "x".join(map(str, r["latent"]))
+            lines.append(f"{px:<12}{lat:<10}{r['tokens']:>8}{r['gflops']:12.1f}"
+                         + "".join(f"{r['gflops_parts'][n]:12.2f}" for n in PARAM_GROUPS))
     return "\n".join(lines)
 
 
@@ -126,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="registry name, e.g. dit-xl/2, lit-s/2, dydit-xl/2, dylit-b/4")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. input_size=64")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--resolution", nargs="+", default=None, metavar="R",
+                        help="also report GFLOPs at these pixel resolutions (R or HxW), for families that run at any size")
     args = parser.parse_args(argv)
     try:
-        info = model_info(args.model, parse_overrides(args.overrides))
+        resolutions = None if args.resolution is None else [parse_resolution(r) for r in args.resolution]
+        info = model_info(args.model, parse_overrides(args.overrides), resolutions)
     except (ValueError, TypeError) as err:
         print(f"launch.info: error: {err}", file=sys.stderr)
         return 2

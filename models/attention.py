@@ -1,8 +1,10 @@
-"""Self-attention of the DiT family: softmax (the teacher) and LiT's linear attention.
+"""Attention of every family: softmax self-attention (the teacher, optionally with PixArt-Σ's KV-token
+compression), LiT's linear attention, and softmax cross-attention to a padded text sequence.
 
-Both share DiT's fused `qkv` and `proj` layers (official names), and both can run a subset of
-heads by slicing those weights, which is how a dynamic student skips the heads its router turned
-off. `head_mask` multiplies per-head outputs (the differentiable training path); `heads` slices.
+Self-attention shares DiT's fused `qkv` and `proj` layers (official names); cross-attention has
+PixArt's `q_linear`, `kv_linear` (K then V) and `proj`. All can run a subset of heads by slicing
+those weights, which is how a dynamic student skips the heads its router turned off. `head_mask`
+multiplies per-head outputs (the differentiable training path); `heads` slices.
 """
 from __future__ import annotations
 
@@ -45,32 +47,50 @@ class _MultiHeadProjections(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _out(self, o: torch.Tensor, head_mask: torch.Tensor | None, heads: UnitSelection | None) -> torch.Tensor:
-        """Merge heads (B, N, h, d) → (B, N, D) through `proj`, masking or slicing heads.
-
-        Heads arrive token-major: SDPA's CPU and CUDA kernels already lay their output out that way,
-        and LiT builds it so, so the merge is a view rather than a transposing copy.
-        """
-        b, n, h, d = o.shape
-        if heads is not None and heads.mask is not None:
-            o = o * heads.mask[:, None, :, None].to(o.dtype)
-        if head_mask is not None:
-            o = o * head_mask[:, None, :, None].to(o.dtype)
-        o = o.reshape(b, n, h * d)
-        if heads is None or heads.full:
-            return self.proj(o)
-        (w,) = self._proj_slices.get(
-            heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, heads.rows(self.head_dim)),)
-        )
-        return F.linear(o, w, self.proj.bias)
+        return merge_heads(o, self.proj, self._proj_slices, head_mask, heads)
 
     def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the fused qkv weight and bias for the selected heads (their q, k and v parts)."""
-        rows = heads.rows(self.head_dim, copies=3, stride=self.dim)
-        return self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows)
+        return _rows(self.qkv, heads.rows(self.head_dim, copies=3, stride=self.dim))
+
+
+def merge_heads(o: torch.Tensor, proj: nn.Linear, slices: SlicedWeights, head_mask: torch.Tensor | None,
+                heads: UnitSelection | None) -> torch.Tensor:
+    """Merge heads (B, N, h, d) → (B, N, D) through `proj`, masking or slicing heads.
+
+    Heads arrive token-major: SDPA's CPU and CUDA kernels already lay their output out that way,
+    and LiT builds it so, so the merge is a view rather than a transposing copy.
+    """
+    b, n, h, d = o.shape
+    if heads is not None and heads.mask is not None:
+        o = o * heads.mask[:, None, :, None].to(o.dtype)
+    if head_mask is not None:
+        o = o * head_mask[:, None, :, None].to(o.dtype)
+    o = o.reshape(b, n, h * d)
+    if heads is None or heads.full:
+        return proj(o)
+    (w,) = slices.get(heads, (proj.weight,), lambda: (proj.weight.index_select(1, heads.rows(d)),))
+    return F.linear(o, w, proj.bias)
 
 
 class SoftmaxAttention(_MultiHeadProjections):
-    """DiT's attention (timm layout: qkv → (3, B, H, N, d)), computed with SDPA."""
+    """DiT's attention (timm layout: qkv → (3, B, H, N, d)), computed with SDPA.
+
+    `kv_compress=s > 1` is PixArt-Σ's KV-token compression (`AttentionKVCompress`, sampling "conv"):
+    K and V, as (B, C, H, W) maps of the token grid, pass one shared depth-wise conv with kernel =
+    stride = s (initialised to the average) and then one affine LayerNorm over C (`sr`, `norm`), so
+    the queries attend to s² times fewer keys. The norm mixes every head's channels, so a compressed
+    layer cannot slice heads (a dynamic student routes heads only by masking there).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kv_compress: int = 1) -> None:
+        super().__init__(dim, num_heads)
+        self.kv_compress = kv_compress
+        if kv_compress > 1:
+            self.sr = nn.Conv2d(dim, dim, kv_compress, stride=kv_compress, groups=dim)
+            nn.init.constant_(self.sr.weight, 1.0 / kv_compress**2)
+            nn.init.zeros_(self.sr.bias)
+            self.norm = nn.LayerNorm(dim)
 
     def forward(
         self,
@@ -80,8 +100,20 @@ class SoftmaxAttention(_MultiHeadProjections):
         heads: UnitSelection | None = None,
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, heads)
+        if self.kv_compress > 1:
+            if heads is not None and not heads.full:
+                raise ValueError("a KV-compressed attention layer cannot slice heads (its LayerNorm spans every head)")
+            k, v = self._compress(k, grid_hw), self._compress(v, grid_hw)
         o = F.scaled_dot_product_attention(q, k, v)
         return self._out(o.transpose(1, 2), head_mask, heads)
+
+    def _compress(self, t: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, h, N, d) keys or values → (B, h, N', d) on the grid downsampled by `kv_compress`."""
+        b, h, n, d = t.shape
+        gh, gw = grid_hw
+        img = t.transpose(1, 2).reshape(b, gh, gw, h * d).permute(0, 3, 1, 2)
+        small = self.norm(self.sr(img).flatten(2).transpose(1, 2))  # (B, N', C)
+        return small.view(b, -1, h, d).transpose(1, 2)
 
 
 class LinearAttention(_MultiHeadProjections):
@@ -123,9 +155,64 @@ class LinearAttention(_MultiHeadProjections):
         return self._out(o, head_mask, heads)
 
 
-def build_attention(kind: str, dim: int, num_heads: int, dwc_kernel: int, eps: float, kernels: str) -> nn.Module:
+class CrossAttention(nn.Module):
+    """Softmax cross-attention of image tokens to a padded text sequence (PixArt's
+    `MultiHeadCrossAttention`: `q_linear`, `kv_linear` giving K then V, `proj`; no norm, no gate).
+
+    `mask` (B, L) bool marks real tokens: padding gets exactly zero attention weight (a boolean
+    SDPA mask, the same function as the official code's packed sequences). A row with no real token
+    (which T5 never produces: it always emits EOS) attends to every position instead of giving NaN.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=True)
+        self.kv_linear = nn.Linear(dim if context_dim is None else context_dim, 2 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self._q_slices, self._kv_slices, self._proj_slices = SlicedWeights(), SlicedWeights(), SlicedWeights()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        heads: UnitSelection | None = None,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        sliced = heads is not None and not heads.full
+        if sliced:
+            d, h = self.head_dim, heads.index.numel()
+            wq, bq = self._q_slices.get(heads, (self.q_linear.weight, self.q_linear.bias), lambda: _rows(self.q_linear, heads.rows(d)))
+            wkv, bkv = self._kv_slices.get(heads, (self.kv_linear.weight, self.kv_linear.bias),
+                                           lambda: _rows(self.kv_linear, heads.rows(d, copies=2, stride=self.dim)))
+            q, kv = F.linear(x, wq, bq), F.linear(context, wkv, bkv)
+        else:
+            h = self.num_heads
+            q, kv = self.q_linear(x), self.kv_linear(context)
+        q = q.view(b, n, h, self.head_dim).transpose(1, 2)
+        k, v = kv.view(b, context.shape[1], 2, h, self.head_dim).unbind(2)
+        attn_mask = None
+        if mask is not None:
+            mask = mask.bool()
+            attn_mask = (mask | ~mask.any(dim=-1, keepdim=True))[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+        return merge_heads(o.transpose(1, 2), self.proj, self._proj_slices, head_mask, heads)
+
+
+def _rows(linear: nn.Linear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear.weight.index_select(0, rows), linear.bias.index_select(0, rows)
+
+
+def build_attention(kind: str, dim: int, num_heads: int, dwc_kernel: int, eps: float, kernels: str,
+                    kv_compress: int = 1) -> nn.Module:
     if kind == "softmax":
-        return SoftmaxAttention(dim, num_heads)
+        return SoftmaxAttention(dim, num_heads, kv_compress=kv_compress)
     if kind == "linear":
+        if kv_compress > 1:
+            raise ValueError("KV-token compression applies to softmax attention; linear attention is already linear in the tokens")
         return LinearAttention(dim, num_heads, dwc_kernel=dwc_kernel, eps=eps, kernels=kernels)
     raise ValueError(f"attention kind {kind!r} is not one of ('softmax', 'linear')")

@@ -11,16 +11,17 @@ from torch import nn
 from models.attention import build_attention
 from models.config import DiTConfig
 from models.dynamic import (
-    Router, SlicedWeights, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
-    token_routed_residual,
+    DynamicExecution, Router, TokenSelect, WidthPlan, WidthPlanCache, init_router_biases_, plan_key, reset_routers_,
+    token_masked_residual, token_routed_residual,
 )
-from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from models.embeddings import (
+    LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_and_patch_, sincos_pos_embed_2d, unpatchify,
+)
 from models.flops import realised_ratio
 from models.kernels.dispatch import get_ops
 from models.mlp import Mlp
 
 LN_EPS = 1e-6
-EXEC_MODES = ("auto", "masked", "sliced")
 
 
 class DiTBlock(nn.Module):
@@ -107,7 +108,7 @@ class FinalLayer(nn.Module):
         return self.linear(get_ops(self.kernels, x.device).modulate_layernorm(x, shift, scale, LN_EPS))
 
 
-class DiT(nn.Module):
+class DiT(DynamicExecution, nn.Module):
     """Class-conditional diffusion transformer on latents (or pixels).
 
     `forward(x, t, y)` returns the (B, out_channels, H, W) prediction — ε and, with learned σ, the
@@ -124,7 +125,6 @@ class DiT(nn.Module):
         self.out_channels = cfg.out_channels
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
-        self.dynamic_exec = "auto"  # eval of a dynamic model: "sliced" unless set to "masked"
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -138,15 +138,7 @@ class DiT(nn.Module):
 
     # --- initialisation (DiT's, plus DyDiT's "all on" routers) -----------------------------------
     def initialize_weights(self) -> None:
-        def basic(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        init_linear_and_patch_(self, self.x_embedder)
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -164,26 +156,16 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def _init_routers(self, block: DiTBlock) -> None:
-        if not block.dynamic:
-            return
-        for router in (block.attn_rate.router, block.mlp_rate.router):
-            if router is not None:
-                nn.init.constant_(router.bias, self.config.width_router_bias)
-        if block.token_routing:
-            nn.init.constant_(block.token_selection.mlp_head[2].bias, self.config.token_router_bias)
+        if block.dynamic:
+            init_router_biases_([block.attn_rate, block.mlp_rate], block.token_selection if block.token_routing else None,
+                                self.config.width_router_bias, self.config.token_router_bias)
 
     def reset_routers(self) -> None:
         """Re-initialise every router "all on" (after inheriting weights from a static teacher)."""
         for block in self.blocks:
             if block.dynamic:
-                for router in (block.attn_rate, block.mlp_rate):
-                    if router.router is not None:
-                        nn.init.xavier_uniform_(router.router.weight)
-                if block.token_routing:
-                    for lin in (block.token_selection.mlp_head[0], block.token_selection.mlp_head[2]):
-                        nn.init.xavier_uniform_(lin.weight)
-                        nn.init.zeros_(lin.bias)
-                self._init_routers(block)
+                reset_routers_([block.attn_rate, block.mlp_rate], block.token_selection if block.token_routing else None,
+                               self.config.width_router_bias, self.config.token_router_bias)
 
     def all_blocks(self) -> list[nn.Module]:
         """The transformer blocks in execution order (FSDP units, checkpoint and compile targets)."""
@@ -210,36 +192,12 @@ class DiT(nn.Module):
         return {**cond, "y": torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])}
 
     # --- forward ----------------------------------------------------------------------------------
-    def _exec_mode(self, complete: bool) -> str:
-        if not self.config.dynamic or complete:
-            return "static"
-        if self.training:
-            return "masked"
-        if self.dynamic_exec not in EXEC_MODES:
-            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
-        return "masked" if self.dynamic_exec == "masked" else "sliced"
-
-    def train(self, mode: bool = True) -> "DiT":
-        """Leaving inference drops its caches (width plans, sliced weight copies): they would only
-        hold memory through training, where nothing reads them."""
-        if mode:
-            for module in self.modules():
-                for cache in vars(module).values():
-                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
-                        cache.clear()
-        return super().train(mode)
-
     def plan_key(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> tuple | None:
         """The key under which blocks cache width plans for this forward (see `models.dynamic.plan_key`)."""
         return plan_key(t, t_emb, mode, self.t_embedder.parameters())
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        b = x.shape[0]
-        p, c = self.patch_size, self.out_channels
-        gh, gw = grid_hw
-        x = x.reshape(b, gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(b, c, gh * p, gw * p)
+        return unpatchify(x, grid_hw, self.patch_size, self.out_channels)
 
     def forward(
         self,
@@ -269,7 +227,7 @@ class DiT(nn.Module):
             c = c + self.g_embedder(guidance.float() * 1000.0)
         elif guidance is not None:
             raise ValueError("guidance given to a model without a guidance input (guidance_embed=False)")
-        mode = self._exec_mode(complete)
+        mode = self.exec_mode(complete)
         key = self.plan_key(t, t_emb, mode)
         masks = []
         for i, block in enumerate(self.blocks):

@@ -9,14 +9,13 @@ Only names and shapes are used (and `models.lazy` helpers for tensor surgery), s
 """
 from __future__ import annotations
 
-import math
-import re
 from typing import Any, Mapping
 
 import torch
 
 from models.config import SIZES, DiTConfig
 from models.convert_diffusers import config_from_diffusers, diffusers_to_ours
+from models.convert_shapes import backbone_fields, grid_input_size, heads_by_width, required
 from models.dit import DiT
 from models.embeddings import sincos_pos_embed_2d
 from models.family import Checkpoint
@@ -57,25 +56,9 @@ def looks_like_dit(raw: RawWeights) -> bool:
 def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: str) -> dict[str, Any]:
     """DiTConfig fields from tensor shapes; `known` (diffusers config, overrides) wins where given."""
 
-    def need(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise CheckpointError(f"{source}: no {key!r}; not a DiT checkpoint (keys: {few(sorted(sd))})")
-        return sd[key]
-
-    w = need("x_embedder.proj.weight")  # (D, C, p, p)
-    hidden, in_ch, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    out_ch = need("final_layer.linear.weight").shape[0] // (patch * patch)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise CheckpointError(f"{source}: final layer gives {out_ch} channels for {in_ch} input channels")
-    rows = int(need("y_embedder.embedding_table.weight").shape[0])
-    fc1 = need("blocks.0.mlp.fc1.weight") if depth else None
-    f: dict[str, Any] = {
-        "hidden_size": hidden, "in_channels": in_ch, "patch_size": patch, "depth": depth,
-        "learn_sigma": out_ch == 2 * in_ch,
-        "mlp_ratio": fc1.shape[0] / hidden if fc1 is not None else 4.0,
-        "guidance_embed": "g_embedder.mlp.0.weight" in sd,
-    }
+    f: dict[str, Any] = backbone_fields(sd, source, "DiT")
+    rows = int(required(sd, "y_embedder.embedding_table.weight", source, "DiT").shape[0])
+    f["guidance_embed"] = "g_embedder.mlp.0.weight" in sd
     if "num_classes" in known:  # a table with one more row holds the guidance null class
         nc = int(known["num_classes"])
         if rows not in (nc, nc + 1):
@@ -83,22 +66,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: 
         f["class_dropout_prob"] = known.get("class_dropout_prob", 0.1) if rows == nc + 1 else 0.0
     else:  # official convention: num_classes + 1 rows (class_dropout_prob=0.1)
         f["num_classes"], f["class_dropout_prob"] = rows - 1, 0.1
-    if "pos_embed" in sd:
-        n = int(sd["pos_embed"].shape[-2])
-        grid = math.isqrt(n)
-        if grid * grid != n:
-            raise CheckpointError(f"{source}: pos_embed has {n} tokens, not a square grid")
-        f["input_size"] = grid * patch
-    elif "input_size" not in known:
-        raise CheckpointError(f"{source}: no pos_embed to infer the input size from; pass input_size=")
+    f.update(grid_input_size(sd, known, f["patch_size"], source))
     f.update(known)
-    if "num_heads" not in f:
-        if hidden not in HEADS_BY_HIDDEN:
-            raise CheckpointError(
-                f"{source}: cannot infer the number of heads for hidden size {hidden} (registry widths: "
-                f"{HEADS_BY_HIDDEN}); pass num_heads=N (launch.convert: --num-heads N)"
-            )
-        f["num_heads"] = HEADS_BY_HIDDEN[hidden]
+    heads_by_width(f, HEADS_BY_HIDDEN, source)
     return f
 
 

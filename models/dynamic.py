@@ -19,21 +19,15 @@ from torch import nn
 from models.rng import counter_logistic
 
 
-def gumbel_sigmoid_ste(
-    logits: torch.Tensor,
-    tau: float,
-    training: bool,
-    threshold: float = 0.5,
-    seeds: torch.Tensor | None = None,
-    salt: int = 0,
-) -> torch.Tensor:
+def gumbel_sigmoid_ste(logits: torch.Tensor, tau: float, training: bool, threshold: float = 0.5, *,
+                       seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
     """Hard 0/1 decisions in the forward pass, sigmoid gradients in the backward pass.
 
     In training, logistic noise (the difference of two Gumbel samples) explores both decisions;
     in eval the decision is the deterministic `sigmoid(logits) > threshold`. With per-sample
-    `seeds` ((B,) int64) the noise is a pure function of (seed, salt, unit), so it does not depend
-    on the rank, the batch or an activation-checkpoint replay (`models/rng.py`); without, it comes
-    from the global RNG.
+    `seeds` ((B,) int64) and a `salt` per router call site, the noise is a pure function of (seed,
+    salt, unit), so it does not depend on the rank, the batch or an activation-checkpoint replay
+    (`models/rng.py`); without, it comes from the global RNG.
     """
     if training:
         if seeds is not None:
@@ -66,8 +60,29 @@ class Router(nn.Module):
         ones = torch.ones(t_emb.shape[0], 1, device=t_emb.device, dtype=torch.float32)
         if self.router is None:
             return ones
-        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold, seeds, salt)
+        gate = gumbel_sigmoid_ste(self.router(t_emb).float(), self.tau, self.training, self.threshold, seeds=seeds, salt=salt)
         return torch.cat([ones, gate], dim=1)
+
+
+def init_router_biases_(routers: list[Router], token: "TokenSelect | None", width_bias: float, token_bias: float) -> None:
+    """DyDiT's "all on" start: width routers' biases `width_bias`, the token router's final bias `token_bias`."""
+    for router in routers:
+        if router.router is not None:
+            nn.init.constant_(router.router.bias, width_bias)
+    if token is not None:
+        nn.init.constant_(token.mlp_head[2].bias, token_bias)
+
+
+def reset_routers_(routers: list[Router], token: "TokenSelect | None", width_bias: float, token_bias: float) -> None:
+    """Fresh router weights (xavier) and the "all on" biases, e.g. after inheriting a static teacher."""
+    for router in routers:
+        if router.router is not None:
+            nn.init.xavier_uniform_(router.router.weight)
+    if token is not None:
+        for lin in (token.mlp_head[0], token.mlp_head[2]):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+    init_router_biases_(routers, token, width_bias, token_bias)
 
 
 class TokenSelect(nn.Module):
@@ -83,7 +98,7 @@ class TokenSelect(nn.Module):
     def forward(self, x: torch.Tensor, seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, N, D) → (B, N) token mask."""
         logits = self.mlp_head(x).squeeze(-1).float()
-        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold, seeds, salt)
+        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold, seeds=seeds, salt=salt)
 
 
 @dataclass
@@ -136,18 +151,29 @@ class UnitSelection:
 class WidthPlan:
     """One block's timestep-wise width decision for a batch of timesteps: the (B, H) head and (B, G)
     channel-group masks and, for the sliced path, the units to compute. A function of t alone, so
-    inference computes it once per sampling step (see `DiTBlock.cached_width_plan`)."""
+    inference computes it once per sampling step (see `DiTBlock.cached_width_plan`).
+
+    `extra_masks` / `extra`: further width-routed layers of a block by name, e.g. PixArt's
+    cross-attention heads ("cross"); cached and expanded like the two above."""
 
     head_mask: torch.Tensor
     group_mask: torch.Tensor
     heads: UnitSelection | None = None
     groups: UnitSelection | None = None
+    extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, UnitSelection] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, head_mask: torch.Tensor, group_mask: torch.Tensor, sliced: bool) -> "WidthPlan":
+    def build(cls, head_mask: torch.Tensor, group_mask: torch.Tensor, sliced: bool, **extra_masks: torch.Tensor) -> "WidthPlan":
         if not sliced:
-            return cls(head_mask, group_mask)
-        return cls(head_mask, group_mask, UnitSelection.from_mask(head_mask), UnitSelection.from_mask(group_mask))
+            return cls(head_mask, group_mask, extra_masks=extra_masks)
+        return cls(head_mask, group_mask, UnitSelection.from_mask(head_mask), UnitSelection.from_mask(group_mask),
+                   extra_masks, {k: UnitSelection.from_mask(m) for k, m in extra_masks.items()})
+
+    def map_masks(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WidthPlan":
+        """The same plan with `fn` applied to every mask (the selections are shared)."""
+        return WidthPlan(fn(self.head_mask), fn(self.group_mask), self.heads, self.groups,
+                         {k: fn(m) for k, m in self.extra_masks.items()}, self.extra)
 
 
 class SlicedWeights:
@@ -236,9 +262,40 @@ class WidthPlanCache:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             # On the whole batch, as the uncached and masked paths do (same GEMM, same rounding).
-            p = build()
-            plan = self._plans[key] = WidthPlan(p.head_mask[:1].clone(), p.group_mask[:1].clone(), p.heads, p.groups)
-        return WidthPlan(plan.head_mask.expand(batch, -1), plan.group_mask.expand(batch, -1), plan.heads, plan.groups)
+            plan = self._plans[key] = build().map_masks(lambda m: m[:1].clone())
+        return plan.map_masks(lambda m: m.expand(batch, -1))
+
+
+EXEC_MODES = ("auto", "masked", "sliced")
+
+
+class DynamicExecution:
+    """What a family's model class mixes in (before `nn.Module`) to run a dynamic student two ways.
+
+    `exec_mode(complete)`: "static" (a teacher, or every unit on), "masked" (training: every unit
+    computed, multiplied by its STE mask) or, in eval, "sliced" (inactive units skipped) unless
+    `dynamic_exec = "masked"` asks for the training path. `train()` drops the inference caches
+    (width plans, sliced weight copies): they would only hold memory through training.
+    """
+
+    dynamic_exec: str = "auto"
+
+    def exec_mode(self, complete: bool) -> str:
+        if not self.config.dynamic or complete:
+            return "static"
+        if self.training:
+            return "masked"
+        if self.dynamic_exec not in EXEC_MODES:
+            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
+        return "masked" if self.dynamic_exec == "masked" else "sliced"
+
+    def train(self, mode: bool = True):
+        if mode:
+            for module in self.modules():
+                for cache in vars(module).values():
+                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
+                        cache.clear()
+        return super().train(mode)
 
 
 def plan_key(t: torch.Tensor, t_emb: torch.Tensor, mode: str, embedder_params) -> tuple | None:

@@ -1,4 +1,4 @@
-"""Inputs of the DiT family: patches, fixed 2-D sin-cos positions, timesteps, class labels.
+"""Inputs of the DiT and PixArt families: patches, fixed 2-D sin-cos positions, timesteps, class labels.
 
 Parameter names follow facebookresearch/DiT (`x_embedder.proj`, `t_embedder.mlp.{0,2}`,
 `y_embedder.embedding_table`) so official checkpoints load without renaming.
@@ -12,10 +12,22 @@ import torch
 from torch import nn
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int | None = None) -> np.ndarray:
-    """(H·W, D) fixed embedding exactly as DiT/MAE compute it (float64 frequencies, w-major grid)."""
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int | None = None, base_size: int | None = None,
+                        interpolation: float = 1.0) -> np.ndarray:
+    """(H·W, D) fixed embedding exactly as DiT/MAE compute it (float64 frequencies, w-major grid).
+
+    `base_size` and `interpolation` give PixArt's resolution-aware positions (PixArt-Σ
+    `get_2d_sincos_pos_embed`, diffusers `PatchEmbed(interpolation_scale=…)`): each axis of an
+    (H, W) grid is rescaled to span `base_size` (the training grid side) and divided by
+    `interpolation` (`pe_interpolation` = resolution / 512), so every aspect-ratio bucket and
+    resolution sees positions in the range the model was trained on. None: plain 0, 1, … (DiT).
+    """
     grid_w = grid_h if grid_w is None else grid_w
-    gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    pos_h, pos_w = np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32)
+    if base_size is not None:
+        pos_h = pos_h / (grid_h / base_size) / interpolation
+        pos_w = pos_w / (grid_w / base_size) / interpolation
+    gw, gh = np.meshgrid(pos_w, pos_h)
     emb_a = _sincos_1d(embed_dim // 2, gw)  # DiT encodes the w-coordinate in the first half
     emb_b = _sincos_1d(embed_dim // 2, gh)
     return np.concatenate([emb_a, emb_b], axis=1)
@@ -38,6 +50,30 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, grid_hw: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
+    """PatchEmbed's inverse for the output: (B, h·w, p·p·C) tokens → (B, C, h·p, w·p) (`nhwpqc->nchpwq`)."""
+    b = x.shape[0]
+    gh, gw = grid_hw
+    x = x.reshape(b, gh, gw, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, gh * patch_size, gw * patch_size)
+
+
+def init_linear_and_patch_(model: nn.Module, patch: PatchEmbed) -> None:
+    """DiT's and PixArt's base initialisation: every Linear xavier-uniform with a zero bias, and the patch
+    embedding's conv weight xavier-uniform as if it were a Linear (its bias keeps torch's default)."""
+
+    def basic(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(basic)
+    w = patch.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
 
 class TimestepEmbedder(nn.Module):

@@ -205,6 +205,7 @@ class ModelFamily(ABC):
         """Per-sample multiply-adds a dynamic student actually executed, from its forward's aux."""
 
     block_prefixes: tuple[str, ...] = ("blocks.",)  # parameter-name prefixes of the block stacks
+    report_resolutions: tuple[int, ...] = ()  # pixel resolutions `launch.info` also reports (any-size families)
 
     def param_group(self, name: str) -> str:
         """The report group of a parameter (`launch.info`): attention, mlp, adaLN, routers, embeddings,

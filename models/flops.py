@@ -1,6 +1,6 @@
 """Analytic FLOPs, in the DiT paper's unit (one multiply-add = 1 FLOP): shared unit costs that every
-family composes (self/cross attention of either kind, MLP, DyDiT's realised ratio), and the DiT
-family's whole-model counts built from them.
+family composes (self/cross attention of either kind, MLP, DyDiT's realised ratio of routed units),
+and the DiT family's whole-model counts built from them.
 
 Two uses, kept apart:
 - the FLOPs *loss* convention of DyDiT (METHODS §1.3): only attention and MLP blocks count,
@@ -31,15 +31,20 @@ class BlockCost:
         return asdict(self)
 
 
-def self_attention_cost(kind: str, n: int, d_model: int, d_head: int, dwc_kernel: int = 0) -> float:
+def self_attention_cost(kind: str, n: int, d_model: int, d_head: int, dwc_kernel: int = 0,
+                        kv_tokens: int | None = None, kv_compress: int = 1) -> float:
     """One attention layer over n tokens: q, k, v and out projections, plus the token mixing.
 
-    softmax: QKᵀ and AV (2·n²·d). linear: φ(K)ᵀV and φ(Q)·(KV) per head (n·d_head·d_model each),
-    φ(Q)·mean φ(K) (n·d_model), and the k×k depth-wise conv on V (k²·n·d_model).
+    softmax: QKᵀ and AV (2·n·n_kv·d, n_kv = n unless `kv_tokens` says how many keys PixArt's KV
+    compression left, in which case its s×s depth-wise conv on K and V adds 2·n_kv·s²·d).
+    linear: φ(K)ᵀV and φ(Q)·(KV) per head (n·d_head·d_model each), φ(Q)·mean φ(K) (n·d_model),
+    and the k×k depth-wise conv on V (k²·n·d_model).
     """
     proj = 4 * n * d_model * d_model
     if kind == "softmax":
-        return proj + 2 * n * n * d_model
+        if kv_tokens is None or kv_compress <= 1:
+            return proj + 2 * n * n * d_model
+        return proj + 2 * n * kv_tokens * d_model + 2 * kv_tokens * kv_compress**2 * d_model
     state = 2 * n * d_model * d_head + n * d_model
     return proj + state + dwc_kernel**2 * n * d_model
 
@@ -56,6 +61,18 @@ def mlp_cost(n: int, d_model: int, hidden: int) -> float:
     return 2 * n * d_model * hidden
 
 
+def routed_ratio(parts: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Per-sample realised / static cost of routed units over L identical blocks.
+
+    `parts`: (fraction of the unit executed per sample and block (B, L), one block's static cost of
+    that unit); a unit that is never routed enters with fraction 1. Differentiable through the
+    fractions (straight-through masks), which is how the FLOPs loss reaches the routers.
+    """
+    depth = parts[0][0].shape[1]
+    realised = sum(frac * cost for frac, cost in parts)
+    return realised.sum(dim=1) / (depth * sum(cost for _, cost in parts))
+
+
 def dydit_ratio(head_masks: torch.Tensor, channel_masks: torch.Tensor, token_masks: torch.Tensor,
                 attn: float, mlp: float) -> torch.Tensor:
     """DyDiT's per-sample ratio of realised to static attention+MLP FLOPs over L identical blocks.
@@ -65,10 +82,9 @@ def dydit_ratio(head_masks: torch.Tensor, channel_masks: torch.Tensor, token_mas
     fraction times the routed-token fraction. Differentiable through the straight-through masks,
     which is how the FLOPs loss reaches the routers.
     """
-    depth = head_masks.shape[1]
-    a = head_masks.float().mean(dim=2) * attn
-    m = channel_masks.float().mean(dim=2) * token_masks.float().mean(dim=2) * mlp
-    return (a + m).sum(dim=1) / (depth * (attn + mlp))
+    a = head_masks.float().mean(dim=2)
+    m = channel_masks.float().mean(dim=2) * token_masks.float().mean(dim=2)
+    return routed_ratio([(a, attn), (m, mlp)])
 
 
 def attention_cost(cfg: DiTConfig, n: int) -> float:

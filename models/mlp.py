@@ -1,4 +1,5 @@
-"""DiT's MLP (fc1 → GELU-tanh → fc2) with DyDiT's channel groups.
+"""DiT's MLP (fc1 → GELU-tanh → fc2) with DyDiT's channel groups (also PixArt's caption projection,
+whose output width differs from its input: `out_dim`).
 
 The 4·D hidden units form contiguous groups; a group is removed either by masking its fc1 output
 before the GELU (GELU(0) = 0, the training path) or by slicing fc1 rows and fc2 columns (inference).
@@ -13,11 +14,11 @@ from models.dynamic import SlicedWeights, UnitSelection
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, groups: int = 1) -> None:
+    def __init__(self, dim: int, hidden: int, groups: int = 1, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=True)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim, bias=True)
+        self.fc2 = nn.Linear(hidden, dim if out_dim is None else out_dim, bias=True)
         self.group_size = hidden // groups
         self._slices = SlicedWeights()
 

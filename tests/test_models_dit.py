@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model, model_config, model_names
+from models import build_model, family_of, model_config, model_names
 from models.attention import LinearAttention, SoftmaxAttention
 from models.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from tests.helpers import randomize_, tiny, tiny_inputs
