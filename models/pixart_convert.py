@@ -21,6 +21,7 @@ import torch
 
 from models.convert_shapes import backbone_fields, grid_input_size, heads_by_width, required
 from models.family import Checkpoint
+from models.lazy import cat_rows
 from models.pixart import PixArt
 from models.pixart_config import SIZES, PixArtConfig
 from models.weights_io import CheckpointError, RawWeights, few
@@ -117,7 +118,7 @@ def diffusers_to_ours(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, 
             missing = [n for n in names if n not in sd]
             if missing:
                 raise CheckpointError(f"{source}: {key} has no partner {missing} to fuse into {target.format(i=i, w=w)}")
-            out[target.format(i=i, w=w)] = torch.cat([sd[n] for n in names], dim=0)
+            out[target.format(i=i, w=w)] = cat_rows([sd[n] for n in names])  # lazy: a rank reads only its rows
             used.update(names)
     left = sorted(set(sd) - used)
     if left:
