@@ -1,13 +1,15 @@
-"""`python -m launch.convert SRC OUT.safetensors [--num-heads N] [--prefer ema|model]`.
+"""`python -m launch.convert SRC OUT.safetensors [--num-heads N] [--set KEY=VALUE ...] [--prefer ema|model]`.
 
-Reads an official DiT `.pt`, a diffusers DiT directory or one of our safetensors files and writes
-our layout with the config in the safetensors metadata, so later loads need no guessing.
+Reads an official checkpoint (DiT `.pt`, BFL `flux1-*.safetensors`), a diffusers directory (DiT,
+FLUX; sharded safetensors with an index) or one of our safetensors files and writes our layout with
+the config in the safetensors metadata, so later loads need no guessing.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from launch.info import count_params, parse_overrides
 from models.convert import CheckpointError, describe, read_checkpoint, save_safetensors
 
 
@@ -17,6 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--num-heads", type=int, default=None, help="heads, when the hidden size is not a registry width")
     p.add_argument("--input-size", type=int, default=None, help="latent side, when the file has no pos_embed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field the file cannot tell, e.g. axes_dim=[4,6,6] or text_len=256 (repeatable)")
     p.add_argument("--prefer", choices=("ema", "model"), default="ema", help="weights of a training checkpoint")
     return p.parse_args(argv)
 
@@ -24,6 +28,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("input_size", args.input_size)) if v is not None}
+    try:
+        overrides.update(parse_overrides(args.set))
+    except ValueError as e:
+        print(f"error: --set: {e}", file=sys.stderr)
+        return 2
     if not args.out.endswith(".safetensors"):
         print(f"error: output {args.out} must end in .safetensors", file=sys.stderr)
         return 2
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    params = sum(v.numel() for k, v in ckpt.state_dict.items() if k != "pos_embed")
+    params = count_params(ckpt.config)["total"]
     print(f"{ckpt.format} {args.src} -> {args.out}: {describe(ckpt.config)}, {params:,} params")
     return 0
 

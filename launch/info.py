@@ -24,7 +24,8 @@ PARAM_GROUPS = ("attention", "mlp", "adaLN", "routers", "embeddings", "final_lay
 
 
 def parse_value(text: str) -> Any:
-    """`64` → int, `0.5` → float, `true`/`false` → bool, `None` → None, anything else → the string."""
+    """`64` → int, `0.5` → float, `true`/`false` → bool, `None` → None, `[4,6,6]` → a list of numbers,
+    anything else → the string."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -34,6 +35,8 @@ def parse_value(text: str) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return list(value)
     return value if isinstance(value, (int, float, str)) else text
 
 
@@ -73,7 +76,7 @@ def count_params(cfg: Any) -> dict[str, int]:
         model = family.build(cfg)
     counts: Counter[str] = Counter()
     for name, p in model.named_parameters():
-        counts[family.param_group(name)] += p.numel()
+        counts.update(family.param_split(cfg, name, tuple(p.shape)))
     groups = {g: counts.get(g, 0) for g in PARAM_GROUPS}
     return {**groups, "total": sum(counts.values())}
 

@@ -216,6 +216,14 @@ class ModelFamily(ABC):
             return "final_layer"
         return "embeddings"
 
+    def param_split(self, cfg: Any, name: str, shape: tuple[int, ...]) -> dict[str, int]:
+        """Parameter counts of one tensor by report group: all in `param_group(name)`, unless a family
+        fuses groups in one tensor (FLUX's single blocks) and splits it here."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return {self.param_group(name): numel}
+
 
 # --- the registry of families ----------------------------------------------------------------------
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -4,6 +4,10 @@ Teacher and student are the same classes, so inheritance is a name-for-name copy
 documented exception per family (`ModelFamily.inherit_exclude`): when the attention kind or the
 head layout changes (softmax → linear), the self-attention projections are not copied and the new
 DWC starts random. Routers do not exist in a static teacher; they keep their "all on" initialisation.
+
+A fused tensor can be excluded in part: `name@rows=a:b` keeps the student's own rows a..b of dim 0
+and copies the rest, `name@cols=a:b` the same for dim 1 (FLUX's single blocks fuse q, k, v with the
+MLP input in `linear1` and the attention output with the MLP output in `linear2`).
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ class InheritReport:
     inherited: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)  # student keys with no teacher counterpart
     skipped: list[str] = field(default_factory=list)  # keys present in both, excluded by policy
+    partial: list[str] = field(default_factory=list)  # copied except the excluded rows/columns ("key@rows=a:b")
     unused: list[str] = field(default_factory=list)  # teacher keys the student does not have
 
     def summary(self) -> str:
         return (
             f"inherited {len(self.inherited)}, newly initialised {len(self.initialised)}, "
-            f"skipped by policy {len(self.skipped)}, unused teacher keys {len(self.unused)}"
+            f"skipped by policy {len(self.skipped)}, partly kept by policy {len(self.partial)}, "
+            f"unused teacher keys {len(self.unused)}"
         )
 
 
@@ -35,6 +41,23 @@ def attention_exclude(teacher_cfg, student_cfg, patterns) -> list[str]:
     if teacher_cfg.attention != student_cfg.attention or teacher_cfg.num_heads != student_cfg.num_heads:
         return list(patterns)
     return []
+
+
+def split_pattern(pattern: str) -> tuple[str, int | None, slice | None]:
+    """`name@rows=a:b` → (name, 0, slice(a, b)); `name@cols=a:b` → (name, 1, …); a plain pattern → (it, None, None)."""
+    base, sep, spec = pattern.partition("@")
+    if not sep:
+        return pattern, None, None
+    axis, _, span = spec.partition("=")
+    lo, _, hi = span.partition(":")
+    if axis not in ("rows", "cols") or not lo.isdigit() or not hi.isdigit():
+        raise ValueError(f"inherit exclusion {pattern!r}: a partial exclusion reads name@rows=a:b or name@cols=a:b")
+    return base, 0 if axis == "rows" else 1, slice(int(lo), int(hi))
+
+
+def whole_patterns(patterns) -> list[str]:
+    """The patterns that exclude whole keys (what a shape check may skip)."""
+    return [p for p in patterns if "@" not in p]
 
 
 def default_exclude(teacher_cfg, student_cfg) -> list[str]:
@@ -55,6 +78,8 @@ def inherit_weights(
     for the LiT rule; an ablation can pass e.g. `["blocks.*.attn.proj.*"]` to load Q, K and V.
     """
     exclude = exclude or []
+    parts = [split_pattern(p) for p in exclude if "@" in p]
+    whole = whole_patterns(exclude)
     report = InheritReport()
     own = student.state_dict()  # shares storage with the parameters: copy_ writes through
     mismatched = []
@@ -63,14 +88,20 @@ def inherit_weights(
             if key not in teacher_state:
                 report.initialised.append(key)
                 continue
-            if any(fnmatch.fnmatchcase(key, pat) for pat in exclude):
+            if any(fnmatch.fnmatchcase(key, pat) for pat in whole):
                 report.skipped.append(key)
                 continue
             src = teacher_state[key]
             if tuple(src.shape) != tuple(dst.shape):
                 mismatched.append(f"{key}: teacher {tuple(src.shape)} vs student {tuple(dst.shape)}")
                 continue
+            keep = [(axis, span) for base, axis, span in parts if fnmatch.fnmatchcase(key, base)]
+            kept = [(axis, span, dst.narrow(axis, span.start, span.stop - span.start).clone()) for axis, span in keep]
             dst.copy_(src.to(dst.dtype))
+            for axis, span, own_part in kept:
+                dst.narrow(axis, span.start, span.stop - span.start).copy_(own_part)
+            if kept:
+                report.partial.extend(f"{key}@{'rows' if axis == 0 else 'cols'}={span.start}:{span.stop}" for axis, span, _ in kept)
             report.inherited.append(key)
     if mismatched:
         raise ValueError(
