@@ -22,8 +22,9 @@ class RopeTable(NamedTuple):
     sin: torch.Tensor
 
 
-def rope_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> RopeTable:
-    """Angles of ids (L, A) on A axes of `axes_dim` channels each (every entry even)."""
+def rope_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float, dtype: torch.dtype = torch.float32) -> RopeTable:
+    """Angles of ids (L, A) on A axes of `axes_dim` channels each (every entry even), computed in float64
+    and kept in `dtype` (fp32 as FLUX; float64 for references)."""
     if ids.shape[-1] != len(axes_dim):
         raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dim={list(axes_dim)} names {len(axes_dim)}")
     angles = []
@@ -33,7 +34,7 @@ def rope_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> Rope
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(torch.outer(ids[:, a].double(), freqs))
     ang = torch.cat(angles, dim=-1)
-    return RopeTable(ang.cos().float(), ang.sin().float())
+    return RopeTable(ang.cos().to(dtype), ang.sin().to(dtype))
 
 
 def image_text_ids(n_txt: int, grid_hw: tuple[int, int], device: torch.device | str) -> torch.Tensor:
