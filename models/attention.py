@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from models.dynamic import SlicedWeights, UnitSelection
 from models.kernels.dispatch import get_ops
+from models.kernels.reference import autocast_off
 from models.rope import RopeTable, apply_rope
 
 
@@ -172,7 +173,7 @@ def rope_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     with autocast off, as `reference.linear_attention`. Returns (B, H, N, d) in v's dtype.
     """
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         qf, kf, vf = F.relu(q.to(acc)), F.relu(k.to(acc)), v.to(acc)
         n = kf.shape[-2]
         kv = torch.matmul(apply_rope(kf, rope).transpose(-1, -2), vf) / n  # (B, H, d, d)

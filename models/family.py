@@ -165,6 +165,14 @@ class ModelFamily(ABC):
         index = torch.arange(n) % have
         return model.condition({k: v[index] for k, v in rows.items()})
 
+    def example_batch(self, cfg: Any, n: int, text_len: int | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """A batch of the loader's condition fields for `n` samples, zero-filled, at the config's text
+        length unless `text_len` is given (memory planning traces it on the meta device; benchmarks)."""
+        if self.conditioning(cfg).kind == "class":
+            return {"y": torch.zeros(n, dtype=torch.long, device=device)}
+        raise NotImplementedError(f"the {self.name} family does not say what its batches hold (example_batch)")
+
     # -- weights ----------------------------------------------------------------------------------
     @abstractmethod
     def recognises(self, raw: "RawWeights") -> bool:

@@ -212,7 +212,7 @@ class Flux(nn.Module):
         return super().train(mode)
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
-        if torch.is_autocast_enabled(device.type):
+        if device.type != "meta" and torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.img_in.weight.dtype
 

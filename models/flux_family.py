@@ -56,6 +56,13 @@ class FluxFamily(ModelFamily):
     def objectives(self, cfg: FluxConfig) -> tuple[str, ...]:
         return ("flow",)
 
+    def example_batch(self, cfg: FluxConfig, n: int, text_len: int | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        length = cfg.text_len if text_len is None else text_len
+        return {"text_emb": torch.zeros(n, length, cfg.context_in_dim, device=device),
+                "text_mask": torch.ones(n, length, dtype=torch.bool, device=device),
+                "text_pooled": torch.zeros(n, cfg.vec_in_dim, device=device)}
+
     def latent_shape(self, cfg: FluxConfig, resolution: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
         if resolution is None:
             return (cfg.in_channels, cfg.input_size, cfg.input_size)
