@@ -1,4 +1,6 @@
 """`python -m launch.info MODEL [--json] [key=value ...]`: parameters and GFLOPs of a registry model.
+`python -m launch.info MODEL --plan --gpus N --gpu-mem G [--teacher T] ...`: its per-rank memory when
+distilled under FSDP2 (`trainer/memory_plan.py`).
 
 Thin: parse, build on the meta device (no weights are allocated, so `dit-xl/2` costs nothing), ask
 the model's family for the analytic counts, print. FLOPs are multiply-adds per image at the model's
@@ -124,15 +126,74 @@ def format_table(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def teacher_of(name: str, overrides: dict[str, Any], teacher: str | None):
+    """The teacher config of a plan: `--teacher NAME`, else the student's static softmax configuration."""
+    if teacher is not None:
+        return None if teacher.lower() == "none" else model_config(teacher)
+    from dataclasses import replace
+
+    return replace(model_config(name, **overrides), attention="softmax", dynamic=False).validate()
+
+
+def parse_resolution(text: str | None) -> int | tuple[int, int] | None:
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not h.isdigit() or (sep and not w.isdigit()):
+        raise ValueError(f"--resolution {text!r}: pixels, e.g. 1024 or 768x1344")
+    return (int(h), int(w)) if sep else int(h)
+
+
+def plan_info(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, str]:
+    from trainer.memory_plan import format_plan, plan_memory
+
+    family, _ = resolve_name(args.model)
+    check_types(family.config_cls, overrides)
+    student = model_config(args.model, **overrides)
+    teacher = teacher_of(args.model, overrides, args.teacher)
+    plan = plan_memory(student, teacher, args.gpus, args.gpu_mem, micro_batch=args.micro_batch,
+                       resolution=parse_resolution(args.resolution), text_len=args.text_len, ac=args.ac,
+                       teacher_shard=not args.replicate_teacher, ema=not args.no_ema, reserve_gib=args.reserve)
+    what = f"{args.model} {overrides or ''}".strip()
+    title = f"memory plan: student {what}, teacher {args.teacher or 'its static softmax configuration' if teacher else 'none'}"
+    return plan, format_plan(plan, title)
+
+
+def plan_json(plan: Any) -> dict[str, Any]:
+    acts = plan.notes["activation_profile"]
+    return {"gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem / 2**30, "micro_batch": plan.micro_batch, "ac": plan.ac,
+            "rows_gib": {k: v / 2**30 for k, v in plan.rows.items()},
+            "per_sample_gib": {k: v / 2**30 for k, v in plan.per_sample.items()},
+            "total_gib": plan.total / 2**30, "fits": plan.fits, "max_micro_batch": plan.max_micro_batch,
+            "saved_bytes_per_token": acts.per_token(), "tokens": acts.tokens}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.info", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="registry name, e.g. dit-xl/2, lit-s/2, dydit-xl/2, dylit-b/4")
+    parser.add_argument("model", help="registry name, e.g. dit-xl/2, lit-s/2, dydit-xl/2, flux-dev, dyflux-lite")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. input_size=64")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    plan = parser.add_argument_group("memory plan (distilling MODEL under FSDP2)")
+    plan.add_argument("--plan", action="store_true", help="print per-rank memory instead of the model's counts")
+    plan.add_argument("--gpus", type=int, default=8, help="ranks the student and teacher are sharded over (default 8)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--teacher", default=None, help="teacher registry name, or none (default: MODEL's static softmax config)")
+    plan.add_argument("--micro-batch", type=int, default=None, help="per-rank micro-batch (default: the largest that fits)")
+    plan.add_argument("--resolution", default=None, help="image pixels, 1024 or HxW (default: the model's native size)")
+    plan.add_argument("--text-len", type=int, default=None, help="text tokens (default: the model's text_len)")
+    plan.add_argument("--ac", choices=("full", "none"), default="full", help="activation checkpointing (default full)")
+    plan.add_argument("--replicate-teacher", action="store_true", help="teacher.shard: false")
+    plan.add_argument("--no-ema", action="store_true", help="a run without the EMA copy")
+    plan.add_argument("--reserve", type=float, default=4.0, help="GiB for CUDA context, NCCL, fragmentation (default 4)")
     args = parser.parse_args(argv)
     try:
-        info = model_info(args.model, parse_overrides(args.overrides))
-    except (ValueError, TypeError) as err:
+        overrides = parse_overrides(args.overrides)
+        if args.plan:
+            result, table = plan_info(args, overrides)
+            print(json.dumps(plan_json(result), indent=2) if args.json else table)
+            return 0
+        info = model_info(args.model, overrides)
+    except (ValueError, TypeError, NotImplementedError) as err:
         print(f"launch.info: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else format_table(info))
