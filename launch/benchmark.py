@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("models", "step", "data", "kernels", "checkpoint")
+SUITES = ("models", "step", "data", "kernels", "checkpoint", "flux")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,14 +159,18 @@ class TokenRouter(nn.Module):
         self.router = nn.Linear(dim, 1, bias=True)
         self.tau, self.threshold = tau, threshold
 
-    def forward(self, img: torch.Tensor, vec: torch.Tensor, txt: torch.Tensor,
-                seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
-        """img (B, N, D), vec (B, D), txt (B, L, D) → (B, N) token mask."""
+    def logits(self, img: torch.Tensor, vec: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """img (B, N, D), vec (B, D), txt (B, L, D) → (B, N) routing logits (fp32)."""
         shift, scale, shift_t, scale_t = self.linear_t(F.silu(vec)).chunk(4, dim=1)
         x = self.norm(img) * (1 + scale[:, None]) + shift[:, None]
         t = (self.norm(txt) * (1 + scale_t[:, None]) + shift_t[:, None]).mean(dim=1, keepdim=True)
-        logits = self.router(x + t).squeeze(-1).float()
-        return gumbel_sigmoid_ste(logits, self.tau, self.training, self.threshold, **seed_kwargs(seeds, salt))
+        return self.router(x + t).squeeze(-1).float()
+
+    def forward(self, img: torch.Tensor, vec: torch.Tensor, txt: torch.Tensor,
+                seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
+        """(B, N) token mask."""
+        return gumbel_sigmoid_ste(self.logits(img, vec, txt), self.tau, self.training, self.threshold,
+                                  **seed_kwargs(seeds, salt))
 
 
 def seed_kwargs(seeds: torch.Tensor | None, salt: int) -> dict:
