@@ -11,8 +11,8 @@ from torch import nn
 from models.attention import build_attention
 from models.config import DiTConfig
 from models.dynamic import (
-    Router, SlicedWeights, TokenSelect, WidthPlan, WidthPlanCache, plan_key, token_masked_residual,
-    token_routed_residual,
+    Router, TokenSelect, WidthPlan, WidthPlanCache, clear_inference_caches, exec_mode, plan_key,
+    token_masked_residual, token_routed_residual,
 )
 from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from models.flops import realised_ratio
@@ -20,7 +20,6 @@ from models.kernels.dispatch import get_ops
 from models.mlp import Mlp
 
 LN_EPS = 1e-6
-EXEC_MODES = ("auto", "masked", "sliced")
 
 
 class DiTBlock(nn.Module):
@@ -204,22 +203,12 @@ class DiT(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
     def _exec_mode(self, complete: bool) -> str:
-        if not self.config.dynamic or complete:
-            return "static"
-        if self.training:
-            return "masked"
-        if self.dynamic_exec not in EXEC_MODES:
-            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
-        return "masked" if self.dynamic_exec == "masked" else "sliced"
+        return exec_mode(self.config.dynamic, self.training, self.dynamic_exec, complete)
 
     def train(self, mode: bool = True) -> "DiT":
-        """Leaving inference drops its caches (width plans, sliced weight copies): they would only
-        hold memory through training, where nothing reads them."""
+        """Leaving inference drops its caches (width plans, sliced weight copies)."""
         if mode:
-            for module in self.modules():
-                for cache in vars(module).values():
-                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
-                        cache.clear()
+            clear_inference_caches(self)
         return super().train(mode)
 
     def plan_key(self, t: torch.Tensor, t_emb: torch.Tensor, mode: str) -> tuple | None:

@@ -19,14 +19,13 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from models.dynamic import SlicedWeights, WidthPlanCache, plan_key
+from models.dynamic import clear_inference_caches, exec_mode, plan_key
 from models.embeddings import TimestepEmbedder
 from models.flux_blocks import DoubleStreamBlock, SingleStreamBlock
 from models.flux_config import FluxConfig
 from models.flux_flops import realised_ratio
 from models.flux_layers import LastLayer, MLPEmbedder
 
-EXEC_MODES = ("auto", "masked", "sliced")
 FREQ_DIM = 256  # sinusoid width of the timestep and guidance embedders
 
 
@@ -192,23 +191,12 @@ class Flux(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def _exec_mode(self, complete: bool) -> str:
-        if not self.config.dynamic or complete:
-            return "static"
-        if self.training:
-            return "masked"
-        if self.dynamic_exec not in EXEC_MODES:
-            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
-        return "masked" if self.dynamic_exec == "masked" else "sliced"
+        return exec_mode(self.config.dynamic, self.training, self.dynamic_exec, complete)
 
     def train(self, mode: bool = True) -> "Flux":
         """Leaving inference drops its caches (width plans, sliced weight copies)."""
         if mode:
-            for module in self.modules():
-                for cache in vars(module).values():
-                    caches = cache.values() if isinstance(cache, dict) else (cache,)
-                    for c in caches:
-                        if isinstance(c, (SlicedWeights, WidthPlanCache)):
-                            c.clear()
+            clear_inference_caches(self)
         return super().train(mode)
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:

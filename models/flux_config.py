@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, List
 
-from models.student import StudentOptions
+from models.student import StudentOptions, TransformerWidths
 
 # base → (double blocks, guidance embedding, T5 tokens). flux-lite is Freepik's FLUX.1-lite-8B, the
 # base DyFLUX was built on: FLUX.1-dev with 8 of its 19 double blocks.
@@ -22,7 +22,7 @@ VAE_DOWNSAMPLE = 8  # FLUX's 16-channel autoencoder
 
 
 @dataclass
-class FluxConfig(StudentOptions):
+class FluxConfig(StudentOptions, TransformerWidths):
     family: ClassVar[str] = "flux"
 
     in_channels: int = 16  # latent channels; patch_size² of them are packed per token
@@ -56,18 +56,6 @@ class FluxConfig(StudentOptions):
     @property
     def packed_channels(self) -> int:
         return self.in_channels * self.patch_size**2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def groups(self) -> int:
-        return self.mlp_groups or self.num_heads
 
     @property
     def num_blocks(self) -> int:

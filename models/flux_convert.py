@@ -23,7 +23,7 @@ import torch
 
 from models.family import Checkpoint
 from models.flux_config import FluxConfig
-from models.weights_io import CheckpointError, RawWeights, few
+from models.weights_io import CheckpointError, RawWeights, config_fields, few, key_problems
 
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
 BUFFERS = ("null_text_emb", "null_text_pooled")
@@ -186,11 +186,7 @@ def flux_checkpoint(raw: RawWeights, overrides: Mapping[str, Any]) -> Checkpoint
     source, sd = raw.source, raw.state_dict
     if raw.format == "diffusers":
         sd = assemble(diffusers_plan({k: tuple(v.shape) for k, v in sd.items()}, source), sd.__getitem__)
-    if raw.ours is not None:
-        fields = {**raw.ours, **overrides}
-    else:
-        base = config_from_diffusers(raw.diffusers_config, source) if raw.diffusers_config is not None else {}
-        fields = infer_config(sd, {**base, **overrides}, source)
+    fields = config_fields(raw, sd, overrides, config_from_diffusers, infer_config)
     from models.flux_family import FLUX
 
     try:
@@ -214,15 +210,9 @@ def expected_shapes(cfg: FluxConfig) -> dict[str, tuple[int, ...]]:
 
 def check_keys(sd: Mapping[str, torch.Tensor], cfg: FluxConfig, source: str) -> None:
     """Missing, unexpected and mis-shaped keys, all in one error (shapes from a meta-device model)."""
-    expected = expected_shapes(cfg)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-              for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != expected[k]]
-    if not (missing or unexpected or shapes):
+    parts, _ = key_problems(sd, expected_shapes(cfg))
+    if not parts:
         return
-    parts = [f"{name} ({len(keys)}): {few(keys)}" for name, keys in
-             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
     raise CheckpointError(f"{source}: checkpoint does not fit {describe(cfg)}:\n  " + "\n  ".join(parts))
 
 
