@@ -15,8 +15,8 @@ from tests.flux_helpers import flux_inputs, tiny_flux
 GROUPS = 4  # MLP channel groups of the tiny 128-wide MLP
 
 
-def dyflux(skip: str = "output", **kw):
-    return tiny_flux("dyflux-dev", mlp_groups=GROUPS, single_token_skip=skip, **kw)
+def dyflux(skip: str = "output", name: str = "dyflux-dev", **kw):
+    return tiny_flux(name, mlp_groups=GROUPS, single_token_skip=skip, **kw)
 
 
 def route_partially(model, seed: int = 1, token_bias: float = 0.3):
@@ -46,10 +46,11 @@ def set_routers(model, heads_on: bool = True, groups_on: bool = True, tokens_on:
     return model
 
 
-@pytest.mark.parametrize("skip", ["output", "mlp"])
+@pytest.mark.parametrize("name,skip", [("dyflux-dev", "output"), ("dyflux-dev", "mlp"), ("dylit-flux-dev", "output")])
 @pytest.mark.parametrize("shared_t", [True, False])
-def test_eval_masked_and_sliced_paths_agree(skip, shared_t):
-    m = route_partially(dyflux(skip, depth=2)).eval()
+def test_eval_masked_and_sliced_paths_agree(name, skip, shared_t):
+    """DyLiT-FLUX: the same routing with linear attention (head slicing through the RoPE numerator and DWC)."""
+    m = route_partially(dyflux(skip, name, depth=2)).eval()
     x, t, te, tp = flux_inputs(batch=4, hw=(8, 12))
     g = torch.tensor([3.5, 3.5, 2.0, 5.0])
     if shared_t:

@@ -69,3 +69,11 @@ def test_recipe_micro_batch_fits_the_memory_plan(recipe):
     student, teacher = CASES[recipe]
     plan = plan_memory(model_config(student), model_config(teacher), 8, 80, micro_batch=8, resolution=1024)
     assert plan.fits, plan.total / 2**30
+
+
+def test_a_malformed_partial_exclusion_is_a_config_error(tmp_path):
+    stand = teacher_standin(tmp_path / "teacher.safetensors", "flux-dev")
+    with pytest.raises(Exception, match=r"student.inherit_exclude.*name@rows=a:b"):
+        load_config(RECIPES / "lit-flux-dev.yaml", [f"teacher.path={stand}", f"data.path={tmp_path}",
+                                                    "student.inherit_exclude=[single_blocks.*.linear1.weight@rows=x]"],
+                    world_size=8)
