@@ -25,7 +25,8 @@ def test_quick_json_has_every_field(quick):
         for kind in ("forward", "forward_backward"):
             assert set(r[kind]) == {"teacher", "dyflux_sliced", "dyflux_masked", "lit"}
             for row in r[kind].values():
-                assert row["ms"] > 0 and row["speedup"] > 0 and len(row["all_ms"]) == 1
+                assert row["ms"] > 0 and row["speedup"] > 0 and len(row["all_ms"]) == 1 and row["tflops"] > 0
+                assert row["peak_bytes"] is None and row["mfu"] is None  # CUDA only / with --peak-tflops
             assert r[kind]["teacher"]["speedup"] == 1.0
 
 
@@ -42,6 +43,20 @@ def test_routers_are_driven_to_the_requested_widths(quick):
                 + 0.5 * c.single_attn_in + 0.5 * run * c.single_attn_out + 0.75 * run * c.single_mlp)
         static = c.double_attn + c.double_img_mlp + c.double_txt_mlp + c.single_attn_in + c.single_attn_out + c.single_mlp
         assert r["dyflux_flops_ratio"] == pytest.approx(real / static, rel=1e-6)
+
+
+def test_flops_behind_the_throughput_figures(quick):
+    """TFLOP/s = 2·(multiply-adds)·passes / time, with the teacher's pair cost from the block costs."""
+    teacher_cfg, _, lit_cfg = bench.configs(128, 16)
+    r = quick["results"][0]
+    macs = bench.pair_macs(teacher_cfg, r["image_tokens"], 16)
+    c = block_costs(teacher_cfg, r["image_tokens"], 16)
+    assert macs == c.double_attn + c.double_img_mlp + c.double_txt_mlp + c.single_attn_in + c.single_attn_out \
+        + c.single_mlp + c.double_adaln + c.single_adaln
+    for kind, passes in (("forward", 1), ("forward_backward", 3)):
+        row = r[kind]["teacher"]
+        assert row["tflops"] == pytest.approx(2 * passes * macs / (row["ms"] / 1e3) / 1e12)
+    assert r["lit_flops_speedup"] == pytest.approx(macs / bench.pair_macs(lit_cfg, r["image_tokens"], 16))
 
 
 def test_table_is_printed_and_the_suite_is_registered(quick, capsys):

@@ -12,9 +12,12 @@ batch 1, side by side in one process with the candidates interleaved (models ben
 - LiT-FLUX: joint ReLU linear attention with RoPE in the numerator and the 5×5 DWC on image tokens.
 
 Forward only (inference mode) and forward + backward (gradients w.r.t. the block inputs and weights).
-On this CPU the blocks run at reduced width (default 256 = 4 heads of 64, MLP 1024, RoPE axes
-8/28/28), so attention weighs more against the projections than at FLUX's 3072. Times are medians;
-speed-ups are per-repeat paired ratios against the teacher. The numbers are for this machine only.
+On a CPU the blocks run at reduced width (default 256 = 4 heads of 64, MLP 1024, RoPE axes 8/28/28),
+so attention weighs more against the projections than at FLUX's 3072. On a GPU:
+`--device cuda --dtype bf16 --width 3072 --peak-tflops 989` adds each candidate's peak memory (one
+separate call) and MFU (analytic multiply-adds ×2, ×3 with backward, over time and the peak).
+Times are medians; speed-ups are per-repeat paired ratios against the teacher. The numbers are for
+the machine they ran on only.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ class Setup:
     text: int
     repeats: int
     resolutions: dict[str, tuple[int, int]]
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    peak_tflops: float | None = None  # the device's dense peak in the dtype, for MFU
 
 
 def configs(width: int, text: int):
@@ -114,10 +120,38 @@ def realised_ratio(cfg, extras, n_img: int, n_txt: int) -> float:
     return real / static
 
 
+def pair_macs(cfg, n_img: int, n_txt: int, ratio: float = 1.0) -> float:
+    """Forward multiply-adds of the pair: attention + MLP (times a realised `ratio`), modulation, routers."""
+    c = block_costs(cfg, n_img, n_txt)
+    units = c.double_attn + c.double_img_mlp + c.double_txt_mlp + c.single_attn_in + c.single_attn_out + c.single_mlp
+    return ratio * units + c.double_adaln + c.single_adaln + c.double_routers + c.single_routers
+
+
 def attention_flops_ratio(teacher_cfg, lit_cfg, n_img: int, n_txt: int) -> float:
-    t, l_ = block_costs(teacher_cfg, n_img, n_txt), block_costs(lit_cfg, n_img, n_txt)
-    tot = lambda c: c.double_attn + c.double_img_mlp + c.double_txt_mlp + c.single_attn_in + c.single_attn_out + c.single_mlp  # noqa: E731
-    return tot(t) / tot(l_)
+    return pair_macs(teacher_cfg, n_img, n_txt) / pair_macs(lit_cfg, n_img, n_txt)
+
+
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    if not device.startswith("cuda"):
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> float | None:
+    """Bytes one call allocates above what was allocated before it (CUDA); None elsewhere."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def bench_resolution(setup: Setup, label: str, grid: tuple[int, int]) -> dict[str, Any]:
@@ -129,12 +163,11 @@ def bench_resolution(setup: Setup, label: str, grid: tuple[int, int]) -> dict[st
     inherit_weights(dy, teacher.state_dict())
     inherit_weights(lit, teacher.state_dict(), default_exclude(teacher_cfg, lit_cfg))
     for m in (teacher, dy, lit):
-        m.eval()
+        m.eval().to(setup.device, setup.dtype)
     n_img = grid[0] * grid[1]
     g = torch.Generator().manual_seed(1)
-    img = torch.randn(1, n_img, setup.width, generator=g)
-    txt = torch.randn(1, setup.text, setup.width, generator=g)
-    vec = torch.randn(1, setup.width, generator=g)
+    img, txt, vec = (torch.randn(*shape, generator=g).to(setup.device, setup.dtype)
+                     for shape in ((1, n_img, setup.width), (1, setup.text, setup.width), (1, setup.width)))
     drive_routers_(dy, img, txt, vec, grid)
     with torch.no_grad():
         _, extras = dy(img, txt, vec, grid, "sliced")
@@ -159,12 +192,20 @@ def bench_resolution(setup: Setup, label: str, grid: tuple[int, int]) -> dict[st
     rows: dict[str, Any] = {"resolution": label, "image_tokens": n_img, "text_tokens": setup.text,
                             "dyflux_flops_ratio": ratio,
                             "lit_flops_speedup": attention_flops_ratio(teacher_cfg, lit_cfg, n_img, setup.text)}
-    for kind, make in (("forward", fwd), ("forward_backward", fwd_bwd)):
-        fns = {"teacher": make(teacher, "static"), "dyflux_sliced": make(dy, "sliced"),
-               "dyflux_masked": make(dy, "masked"), "lit": make(lit, "static")}
+    macs = {"teacher": pair_macs(teacher_cfg, n_img, setup.text), "dyflux_sliced": pair_macs(dy_cfg, n_img, setup.text, ratio),
+            "dyflux_masked": pair_macs(dy_cfg, n_img, setup.text), "lit": pair_macs(lit_cfg, n_img, setup.text)}
+    for kind, make, passes in (("forward", fwd, 1), ("forward_backward", fwd_bwd, 3)):
+        fns = {name: synced(f, setup.device) for name, f in (
+            ("teacher", make(teacher, "static")), ("dyflux_sliced", make(dy, "sliced")),
+            ("dyflux_masked", make(dy, "masked")), ("lit", make(lit, "static")))}
         times = time_interleaved(fns, setup.repeats, warmup=1)
-        rows[kind] = {name: {"ms": 1e3 * statistics.median(t), "all_ms": [1e3 * v for v in t],
-                             "speedup": paired_ratio(times["teacher"], t)} for name, t in times.items()}
+        rows[kind] = {}
+        for name, t in times.items():
+            ms = 1e3 * statistics.median(t)
+            flops = 2 * passes * macs[name]
+            rows[kind][name] = {"ms": ms, "all_ms": [1e3 * v for v in t], "speedup": paired_ratio(times["teacher"], t),
+                                "tflops": flops / (ms / 1e3) / 1e12, "peak_bytes": peak_memory(fns[name], setup.device),
+                                "mfu": flops / (ms / 1e3) / (setup.peak_tflops * 1e12) if setup.peak_tflops else None}
     return rows
 
 
@@ -172,23 +213,31 @@ def run(setup: Setup) -> dict[str, Any]:
     load = os.getloadavg()
     results = [bench_resolution(setup, label, grid) for label, grid in setup.resolutions.items()]
     return {"suite": "flux", "width": setup.width, "heads": configs(setup.width, setup.text)[0].num_heads,
+            "device": setup.device, "dtype": str(setup.dtype).replace("torch.", ""),
             "repeats": setup.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_before": list(load), "load_after": list(os.getloadavg()), "results": results}
 
 
 def format_report(res: dict[str, Any]) -> str:
     lines = [f"FLUX blocks benchmark (one double + one single block, batch 1): width {res['width']} "
-             f"({res['heads']} heads of {res['width'] // res['heads']}), torch {res['torch']}, {res['threads']} threads on "
+             f"({res['heads']} heads of {res['width'] // res['heads']}), {res['device']} {res['dtype']}, torch {res['torch']}, "
+             f"{res['threads']} threads on "
              f"{res['cpus']} CPUs, median of {res['repeats']}, load average {res['load_before'][0]:.2f}/{res['load_after'][0]:.2f}",
              "speed-up = paired per-repeat ratio teacher / candidate", ""]
     for r in res["results"]:
         lines.append(f"{r['resolution']}: {r['image_tokens']} image + {r['text_tokens']} text tokens; DyFLUX realised "
                      f"attn+MLP FLOPs ratio {r['dyflux_flops_ratio']:.3f}; LiT analytic FLOPs speed-up "
                      f"{r['lit_flops_speedup']:.2f}x")
-        lines.append(f"  {'':<16}{'forward ms':>12}{'speed-up':>10}{'fwd+bwd ms':>14}{'speed-up':>10}")
+        lines.append(f"  {'':<16}{'forward ms':>12}{'speed-up':>10}{'fwd+bwd ms':>14}{'speed-up':>10}{'TFLOP/s fwd/bwd':>18}"
+                     + (f"{'MFU':>12}{'peak GiB':>16}" if res["device"].startswith("cuda") else ""))
         for name in ("teacher", "dyflux_sliced", "dyflux_masked", "lit"):
             f, b = r["forward"][name], r["forward_backward"][name]
-            lines.append(f"  {name:<16}{f['ms']:>12.1f}{f['speedup']:>9.2f}x{b['ms']:>14.1f}{b['speedup']:>9.2f}x")
+            line = (f"  {name:<16}{f['ms']:>12.1f}{f['speedup']:>9.2f}x{b['ms']:>14.1f}{b['speedup']:>9.2f}x"
+                    f"{f['tflops']:>10.3f}/{b['tflops']:<7.3f}")
+            if res["device"].startswith("cuda"):
+                mfu = "/".join("-" if x["mfu"] is None else f"{x['mfu']:.2f}" for x in (f, b))
+                line += f"{mfu:>12}{f['peak_bytes'] / 2**30:>8.2f}/{b['peak_bytes'] / 2**30:<7.2f}"
+            lines.append(line)
         lines.append("")
     lines.append("DyFLUX masked is the training path (every unit computed); sliced is inference (and sliced weights with autograd).")
     return "\n".join(lines)
@@ -201,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=256, help="hidden width (multiple of 64; FLUX: 3072)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per candidate (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (full width there: --width 3072 --dtype bf16)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter and activation dtype")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for MFU (H100 bf16: 989)")
     args = parser.parse_args(argv)
     if args.width % 64 or args.width < 64:
         parser.error("--width must be a positive multiple of 64")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available here")
     setup = Setup(width=args.width, text=16 if args.quick else TEXT_TOKENS, repeats=1 if args.quick else args.repeats,
-                  resolutions=QUICK_RESOLUTIONS if args.quick else RESOLUTIONS)
+                  resolutions=QUICK_RESOLUTIONS if args.quick else RESOLUTIONS, device=args.device,
+                  dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, peak_tflops=args.peak_tflops)
     res = run(setup)
     print(json.dumps(res, indent=2) if args.json else format_report(res))
     return 0
