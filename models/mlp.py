@@ -14,17 +14,20 @@ from torch import nn
 from models.dynamic import SlicedWeights, UnitSelection
 
 
+def sliced_weights(fc1: nn.Linear, fc2: nn.Linear, group_size: int, groups: UnitSelection) -> tuple[torch.Tensor, ...]:
+    """fc1's rows, its bias and fc2's columns of the selected channel groups."""
+    rows = groups.rows(group_size)
+    return fc1.weight.index_select(0, rows), fc1.bias.index_select(0, rows), fc2.weight.index_select(1, rows)
+
+
 def grouped_mlp(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, group_size: int, slices: SlicedWeights,
                 x: torch.Tensor, unit_mask: torch.Tensor | None = None, groups: UnitSelection | None = None) -> torch.Tensor:
     """`unit_mask` (…, U) broadcasts over x's rows and covers the U groups computed here:
     all groups, or `groups.index` when slicing."""
     sliced = groups is not None and not groups.full
     if sliced:
-        def make() -> tuple[torch.Tensor, ...]:
-            rows = groups.rows(group_size)
-            return fc1.weight.index_select(0, rows), fc1.bias.index_select(0, rows), fc2.weight.index_select(1, rows)
-
-        w1, b1, w2 = slices.get(groups, (fc1.weight, fc1.bias, fc2.weight), make)
+        params = (fc1.weight, fc1.bias, fc2.weight)
+        w1, b1, w2 = slices.get(groups, params, lambda: sliced_weights(fc1, fc2, group_size, groups))
         h = F.linear(x, w1, b1)
     else:
         h = fc1(x)
@@ -44,6 +47,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=True)
         self.group_size = hidden // groups
         self._slices = SlicedWeights()
+
+    def _sliced_weights(self, groups: UnitSelection) -> tuple[torch.Tensor, ...]:
+        return sliced_weights(self.fc1, self.fc2, self.group_size, groups)
 
     def forward(
         self, x: torch.Tensor, unit_mask: torch.Tensor | None = None, groups: UnitSelection | None = None
