@@ -148,16 +148,22 @@ class Flux(nn.Module):
 
     def set_null_condition(self, null: Mapping[str, torch.Tensor]) -> None:
         """Copy T5("") (L, 4096) and CLIP("") pooled (768,) into the null buffers (a mask, if given, is
-        ignored: FLUX attends to every T5 position)."""
-        for key, buf in (("text_emb", self.null_text_emb), ("text_pooled", self.null_text_pooled)):
+        ignored: FLUX attends to every T5 position). L is the data's T5 length: the buffer takes it when it
+        differs from `config.text_len` (the data, not the config, decides how long a caption is)."""
+        for key in ("text_emb", "text_pooled"):
             if key not in null:
                 raise KeyError(f"set_null_condition needs {key!r} (T5('') and CLIP('') pooled outputs)")
-            value = torch.as_tensor(null[key])
-            if tuple(value.shape) != tuple(buf.shape):
-                raise ValueError(f"null {key} has shape {tuple(value.shape)}, the model expects {tuple(buf.shape)} "
-                                 f"(text_len={self.config.text_len}: encode T5('') padded to the training length)")
-            with torch.no_grad():
-                buf.copy_(value.to(buf.dtype))
+        emb, pooled = torch.as_tensor(null["text_emb"]), torch.as_tensor(null["text_pooled"])
+        want = (self.config.context_in_dim, self.config.vec_in_dim)
+        if emb.ndim != 2 or emb.shape[1] != want[0] or tuple(pooled.shape) != (want[1],):
+            raise ValueError(f"null text_emb {tuple(emb.shape)} / text_pooled {tuple(pooled.shape)}: the model takes "
+                             f"(L, {want[0]}) T5 and ({want[1]},) CLIP pooled vectors")
+        buf = self.null_text_emb
+        if emb.shape[0] != buf.shape[0]:
+            self.register_buffer("null_text_emb", buf.new_empty(emb.shape[0], buf.shape[1]))
+        with torch.no_grad():
+            self.null_text_emb.copy_(emb.to(self.null_text_emb.dtype))
+            self.null_text_pooled.copy_(pooled.to(self.null_text_pooled.dtype))
         self._null_checked = True
 
     def _check_null(self) -> None:
@@ -185,9 +191,10 @@ class Flux(nn.Module):
                 "text_pooled": torch.where(d[:, None], null["text_pooled"], cond["text_pooled"])}
 
     def _check_len(self, emb: torch.Tensor) -> None:
-        if emb.shape[1] != self.config.text_len:
-            raise ValueError(f"text_emb has {emb.shape[1]} tokens but the model's null condition has text_len="
-                             f"{self.config.text_len}; set student.args.text_len to the shards' T5 length")
+        if emb.shape[1] != self.null_text_emb.shape[0]:
+            raise ValueError(f"text_emb has {emb.shape[1]} tokens but the model's null condition has "
+                             f"{self.null_text_emb.shape[0]}: attach the data's null text (set_null_condition, from "
+                             "null_text.safetensors beside the shards) or set student.args.text_len to the shards' T5 length")
 
     # --- forward ------------------------------------------------------------------------------------
     def _exec_mode(self, complete: bool) -> str:

@@ -42,12 +42,23 @@ class Piece:
 Plan = dict[str, list[Piece]]  # our key → the source pieces concatenated along dim 0
 
 
+try:  # lazy, file-backed weights (models/lazy.py, the sharded teacher loader): the same dim-0 compositions
+    from models.lazy import cat_rows, slice_rows
+except ImportError:  # before that loader: the eager torch ops
+    def cat_rows(parts):
+        return torch.cat(list(parts), dim=0)
+
+    def slice_rows(t, start, stop):
+        return t[start:stop]
+
+
 def assemble(plan: Plan, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict from a plan; `read(key)` returns a source tensor (eagerly or lazily)."""
+    """Our state dict from a plan; `read(key)` returns a source tensor, eager or lazy (then the result is
+    a lazy composition that reads only the rows a rank asks for)."""
     out = {}
     for key, pieces in plan.items():
-        parts = [read(p.key) if p.start is None else read(p.key)[p.start:p.stop] for p in pieces]
-        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        parts = [read(p.key) if p.start is None else slice_rows(read(p.key), p.start, p.stop) for p in pieces]
+        out[key] = parts[0] if len(parts) == 1 else cat_rows(parts)
     return out
 
 

@@ -85,18 +85,21 @@ class FluxFamily(ModelFamily):
         return describe(cfg)
 
     def inherit_exclude(self, teacher_cfg: FluxConfig, student_cfg: FluxConfig) -> list[str]:
-        """LiT: every attention projection (and its QK-norm scales) when the attention kind or the heads
-        change — in a single block the q, k, v rows of `linear1` and the attention columns of `linear2`,
-        partial exclusions of the fused tensors (the MLP rows and columns are inherited)."""
+        """The null-text buffers always (the trainer attaches the data's T5("") / CLIP(""), whose length
+        the teacher's file cannot know); LiT: every attention projection (and its QK-norm scales) when the
+        attention kind or the heads change — in a single block the q, k, v rows of `linear1` and the
+        attention columns of `linear2`, partial exclusions of the fused tensors (the MLP rows and columns
+        are inherited)."""
+        null = ["null_text_emb", "null_text_pooled"]  # the data's null caption, attached by the trainer
         if teacher_cfg.attention == student_cfg.attention and teacher_cfg.num_heads == student_cfg.num_heads:
-            return []
+            return null
         d = student_cfg.hidden_size
-        return ["double_blocks.*.img_attn.*", "double_blocks.*.txt_attn.*", "single_blocks.*.norm.*",
+        return [*null, "double_blocks.*.img_attn.*", "double_blocks.*.txt_attn.*", "single_blocks.*.norm.*",
                 f"single_blocks.*.linear1.weight@rows=0:{3 * d}", f"single_blocks.*.linear1.bias@rows=0:{3 * d}",
                 f"single_blocks.*.linear2.weight@cols=0:{d}"]
 
     def check_pair(self, student_cfg: FluxConfig, teacher_cfg: FluxConfig) -> None:
-        for key in ("in_channels", "patch_size", "context_in_dim", "vec_in_dim", "guidance_embed", "text_len"):
+        for key in ("in_channels", "patch_size", "context_in_dim", "vec_in_dim", "guidance_embed"):
             if getattr(student_cfg, key) != getattr(teacher_cfg, key):
                 raise ValueError(
                     f"student/teacher shape mismatch: student.args.{key}={getattr(student_cfg, key)!r} but the "
