@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "teacher_load", "pixart", "pixart-routing")
+SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "teacher_load", "pixart", "pixart-routing",
+          "flux")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """`python -m launch.convert SRC OUT.safetensors [--num-heads N] [--set KEY=VALUE ...] [--prefer ema|model]`.
 
-Reads an official checkpoint (DiT `.pt`, PixArt-Σ `.pth`), a diffusers directory of any family or one
-of our safetensors files and writes our layout with the config in the safetensors metadata, so later
-loads need no guessing. `--set` gives config fields a file cannot tell (e.g. `pe_interpolation=2`).
+Reads an official checkpoint (DiT `.pt`, PixArt-Σ `.pth`, BFL `flux1-*.safetensors`), a diffusers
+directory of any family (sharded safetensors with an index too) or one of our safetensors files and
+writes our layout with the config in the safetensors metadata, so later loads need no guessing.
+`--set` gives config fields a file cannot tell (e.g. `pe_interpolation=2`, `axes_dim=[4,6,6]`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=None, help="heads, when the hidden size is not a registry width")
     p.add_argument("--input-size", type=int, default=None, help="latent side, when the file has no pos_embed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config field of the model's family the file cannot tell (repeatable), e.g. model_max_length=120")
+                   help="a config field the file cannot tell (repeatable), e.g. model_max_length=120 or axes_dim=[4,6,6]")
     p.add_argument("--prefer", choices=("ema", "model"), default="ema", help="weights of a training checkpoint")
     return p.parse_args(argv)
 

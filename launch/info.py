@@ -1,5 +1,6 @@
 """`python -m launch.info MODEL [--json] [--resolution R ...] [key=value ...]`: parameters and GFLOPs of a
-registry model.
+registry model. `python -m launch.info MODEL --plan --gpus N --gpu-mem G [--teacher T] ...`: its
+per-rank memory when distilled under FSDP2 (`trainer/memory_plan.py`).
 
 Thin: parse, build on the meta device (no weights are allocated, so `dit-xl/2` costs nothing), ask
 the model's family for the analytic counts, print. FLOPs are multiply-adds per image at the model's
@@ -27,7 +28,8 @@ PARAM_GROUPS = ("attention", "mlp", "adaLN", "routers", "embeddings", "final_lay
 
 
 def parse_value(text: str) -> Any:
-    """`64` → int, `0.5` → float, `true`/`false` → bool, `None` → None, anything else → the string."""
+    """`64` → int, `0.5` → float, `true`/`false` → bool, `None` → None, `[4,6,6]` → a list of numbers,
+    anything else → the string."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -37,6 +39,8 @@ def parse_value(text: str) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return list(value)
     return value if isinstance(value, (int, float, str)) else text
 
 
@@ -76,7 +80,7 @@ def count_params(cfg: Any) -> dict[str, int]:
         model = family.build(cfg)
     counts: Counter[str] = Counter()
     for name, p in model.named_parameters():
-        counts[family.param_group(name)] += p.numel()
+        counts.update(family.param_split(cfg, name, tuple(p.shape)))
     groups = {g: counts.get(g, 0) for g in PARAM_GROUPS}
     return {**groups, "total": sum(counts.values())}
 
@@ -155,18 +159,70 @@ def format_table(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def teacher_of(name: str, overrides: dict[str, Any], teacher: str | None):
+    """The teacher config of a plan: `--teacher NAME`, else the student's static softmax configuration."""
+    if teacher is not None:
+        return None if teacher.lower() == "none" else model_config(teacher)
+    from dataclasses import replace
+
+    return replace(model_config(name, **overrides), attention="softmax", dynamic=False).validate()
+
+
+def plan_info(args: argparse.Namespace, overrides: dict[str, Any], resolution=None) -> tuple[Any, str]:
+    from trainer.memory_plan import format_plan, plan_memory
+
+    family, _ = resolve_name(args.model)
+    check_types(family.config_cls, overrides)
+    student = model_config(args.model, **overrides)
+    teacher = teacher_of(args.model, overrides, args.teacher)
+    plan = plan_memory(student, teacher, args.gpus, args.gpu_mem, micro_batch=args.micro_batch,
+                       resolution=resolution, text_len=args.text_len, ac=args.ac,
+                       teacher_shard=not args.replicate_teacher, ema=not args.no_ema, reserve_gib=args.reserve)
+    what = f"{args.model} {overrides or ''}".strip()
+    title = f"memory plan: student {what}, teacher {args.teacher or 'its static softmax configuration' if teacher else 'none'}"
+    return plan, format_plan(plan, title)
+
+
+def plan_json(plan: Any) -> dict[str, Any]:
+    acts = plan.notes["activation_profile"]
+    return {"gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem / 2**30, "micro_batch": plan.micro_batch, "ac": plan.ac,
+            "rows_gib": {k: v / 2**30 for k, v in plan.rows.items()},
+            "per_sample_gib": {k: v / 2**30 for k, v in plan.per_sample.items()},
+            "total_gib": plan.total / 2**30, "fits": plan.fits, "max_micro_batch": plan.max_micro_batch,
+            "saved_bytes_per_token": acts.per_token(), "tokens": acts.tokens}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.info", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="registry name, e.g. dit-xl/2, lit-s/2, dydit-xl/2, dylit-b/4")
+    parser.add_argument("model", help="registry name, e.g. dit-xl/2, lit-s/2, dydit-xl/2, flux-dev, dyflux-lite")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. input_size=64")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--resolution", nargs="+", default=None, metavar="R",
-                        help="also report GFLOPs at these pixel resolutions (R or HxW), for families that run at any size")
+                        help="also report GFLOPs at these pixel resolutions (R or HxW), for families that run at any "
+                             "size; with --plan, the one resolution planned (default: the model's native size)")
+    plan = parser.add_argument_group("memory plan (distilling MODEL under FSDP2)")
+    plan.add_argument("--plan", action="store_true", help="print per-rank memory instead of the model's counts")
+    plan.add_argument("--gpus", type=int, default=8, help="ranks the student and teacher are sharded over (default 8)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--teacher", default=None, help="teacher registry name, or none (default: MODEL's static softmax config)")
+    plan.add_argument("--micro-batch", type=int, default=None, help="per-rank micro-batch (default: the largest that fits)")
+    plan.add_argument("--text-len", type=int, default=None, help="text tokens (default: the model's text_len)")
+    plan.add_argument("--ac", choices=("full", "none"), default="full", help="activation checkpointing (default full)")
+    plan.add_argument("--replicate-teacher", action="store_true", help="teacher.shard: false")
+    plan.add_argument("--no-ema", action="store_true", help="a run without the EMA copy")
+    plan.add_argument("--reserve", type=float, default=4.0, help="GiB for CUDA context, NCCL, fragmentation (default 4)")
     args = parser.parse_args(argv)
     try:
+        overrides = parse_overrides(args.overrides)
         resolutions = None if args.resolution is None else [parse_resolution(r) for r in args.resolution]
-        info = model_info(args.model, parse_overrides(args.overrides), resolutions)
-    except (ValueError, TypeError) as err:
+        if args.plan:
+            if resolutions is not None and len(resolutions) > 1:
+                raise ValueError("--plan plans one resolution: give --resolution R once")
+            result, table = plan_info(args, overrides, resolutions[0] if resolutions else None)
+            print(json.dumps(plan_json(result), indent=2) if args.json else table)
+            return 0
+        info = model_info(args.model, overrides, resolutions)
+    except (ValueError, TypeError, NotImplementedError) as err:
         print(f"launch.info: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else format_table(info))

@@ -1,5 +1,7 @@
 """Attention of every family: softmax self-attention (the teacher, optionally with PixArt-Σ's KV-token
-compression), LiT's linear attention, and softmax cross-attention to a padded text sequence.
+compression), LiT's linear attention, softmax cross-attention to a padded text sequence, and the parts
+MMDiT families (FLUX) add: per-head QK RMS norm, the LiT depth-wise conv on a token grid as a function
+(`grid_dwc`), and linear attention that keeps RoPE (`rope_linear_attention`).
 
 Self-attention shares DiT's fused `qkv` and `proj` layers (official names); cross-attention has
 PixArt's `q_linear`, `kv_linear` (K then V) and `proj`. All can run a subset of heads by slicing
@@ -15,6 +17,8 @@ from torch import nn
 from models.dynamic import SlicedWeights, UnitSelection
 from models.kernels.depthwise_conv import depthwise_conv2d
 from models.kernels.dispatch import get_ops
+from models.kernels.reference import autocast_off
+from models.rope import RopeTable, apply_rope
 
 
 class _MultiHeadProjections(nn.Module):
@@ -144,15 +148,71 @@ class LinearAttention(_MultiHeadProjections):
         q, k, v = self._qkv(x, heads)
         o = get_ops(self.kernels, x.device).linear_attention(q, k, v, self.eps).transpose(1, 2)  # (B, N, h, d)
         if self.dwc is not None:
-            b, h, n, d = v.shape
-            gh, gw = grid_hw
-            # The heads share one d-channel kernel, so the conv runs once over all h·d channels with
-            # the kernel tiled per head, on V's own token-major (channels-last) layout: no transposes.
-            v_img = v.transpose(1, 2).reshape(b, gh, gw, h * d).permute(0, 3, 1, 2)
-            bias = None if self.dwc.bias is None else self.dwc.bias.repeat(h)
-            c = depthwise_conv2d(v_img, self.dwc.weight.repeat(h, 1, 1, 1), bias)
-            o = c.permute(0, 2, 3, 1).reshape(b, n, h, d).to(o.dtype) + o
+            o = grid_dwc(v, grid_hw, self.dwc).to(o.dtype) + o
         return self._out(o, head_mask, heads)
+
+
+def grid_dwc(v: torch.Tensor, grid_hw: tuple[int, int], conv: nn.Conv2d) -> torch.Tensor:
+    """LiT's depth-wise conv of V (B, h, N, d) over its (H, W) token grid → (B, N, h, d), token-major.
+
+    The heads share one d-channel kernel, so the conv runs once over all h·d channels with the kernel
+    tiled per head, on V's own token-major (channels-last) layout: no transposes.
+    """
+    b, h, n, d = v.shape
+    gh, gw = grid_hw
+    if gh * gw != n:
+        raise ValueError(f"a {gh}x{gw} token grid holds {gh * gw} tokens, V has {n}")
+    v_img = v.transpose(1, 2).reshape(b, gh, gw, h * d).permute(0, 3, 1, 2)
+    bias = None if conv.bias is None else conv.bias.repeat(h)
+    c = depthwise_conv2d(v_img, conv.weight.repeat(h, 1, 1, 1), bias)
+    return c.permute(0, 2, 3, 1).reshape(b, n, h, d)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned `scale` (BFL's name), computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    """Per-head RMS norm of queries and keys (FLUX, SD3): one scale per head channel, shared by heads,
+    so a dynamic student's head slicing leaves it whole. Returns q, k in v's dtype, as BFL does."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+def rope_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTable, eps: float = 1e-6) -> torch.Tensor:
+    """ReLU linear attention that keeps RoPE: the non-negative features are rotated in the numerator
+    only, so the normaliser stays rotation-free and positive (a rotated normaliser can reach zero or
+    change sign):
+
+        O_i = R_i φ(q_i) · (Σ_j R_j φ(k_j) v_jᵀ / N)  /  (φ(q_i) · mean_j φ(k_j) + eps),   φ = ReLU.
+
+    q, k, v: (B, H, N, d); `rope` covers the N tokens. Products in at least fp32
+    with autocast off, as `reference.linear_attention`. Returns (B, H, N, d) in v's dtype.
+    """
+    acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    with autocast_off(q.device.type):
+        qf, kf, vf = F.relu(q.to(acc)), F.relu(k.to(acc)), v.to(acc)
+        n = kf.shape[-2]
+        kv = torch.matmul(apply_rope(kf, rope).transpose(-1, -2), vf) / n  # (B, H, d, d)
+        num = torch.matmul(apply_rope(qf, rope), kv)
+        den = (qf * kf.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) + eps
+        out = num / den
+    return out.to(v.dtype)
 
 
 class CrossAttention(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from models.student import ATTENTION_KINDS, StudentOptions
+from models.student import ATTENTION_KINDS, StudentOptions, TransformerWidths
 
 __all__ = ["ATTENTION_KINDS", "DiTConfig", "PATCHES", "SIZES"]
 
@@ -25,7 +25,7 @@ PATCHES = (2, 4, 8)
 
 
 @dataclass
-class DiTConfig(StudentOptions):
+class DiTConfig(StudentOptions, TransformerWidths):
     family: ClassVar[str] = "dit"
 
     input_size: int = 32  # latent side (256px images with an 8x VAE)
@@ -47,18 +47,6 @@ class DiTConfig(StudentOptions):
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def groups(self) -> int:
-        return self.mlp_groups or self.num_heads
 
     @property
     def grid_size(self) -> int:

@@ -19,7 +19,7 @@ from models.convert_shapes import backbone_fields, grid_input_size, heads_by_wid
 from models.dit import DiT
 from models.embeddings import sincos_pos_embed_2d
 from models.family import Checkpoint
-from models.weights_io import CheckpointError, RawWeights, few
+from models.weights_io import CheckpointError, RawWeights, config_fields, few, key_problems
 
 # hidden size → DiT heads (384→6 … 1152→16), for official files that do not say
 HEADS_BY_HIDDEN = {hidden: heads for _, hidden, heads, _ in SIZES.values()}
@@ -31,11 +31,7 @@ def dit_checkpoint(raw: RawWeights, overrides: Mapping[str, Any]) -> Checkpoint:
     source, sd = raw.source, raw.state_dict
     if raw.format == "diffusers":
         sd = diffusers_to_ours(sd, source)
-    if raw.ours is not None:
-        cfg_fields = {**raw.ours, **overrides}
-    else:
-        base = config_from_diffusers(raw.diffusers_config, source) if raw.diffusers_config is not None else {}
-        cfg_fields = infer_config(sd, {**base, **overrides}, source)
+    cfg_fields = config_fields(raw, sd, overrides, config_from_diffusers, infer_config)
     try:
         cfg = DiTConfig.from_dict(cfg_fields)
     except ValueError as e:
@@ -76,14 +72,9 @@ def check_keys(sd: Mapping[str, torch.Tensor], cfg: DiTConfig, source: str) -> N
     """Missing, unexpected and mis-shaped keys, all in one error (shapes from a meta-device model)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-              for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != expected[k]]
-    if not (missing or unexpected or shapes):
+    parts, unexpected = key_problems(sd, expected)
+    if not parts:
         return
-    parts = [f"{name} ({len(keys)}): {few(keys)}" for name, keys in
-             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
     hint = ""
     if any(h in k for k in unexpected for h in _STUDENT_HINTS):
         hint = ("\nThe file holds student weights (LiT/DyDiT); without config metadata pass the student's "

@@ -266,9 +266,6 @@ class WidthPlanCache:
         return plan.map_masks(lambda m: m.expand(batch, -1))
 
 
-EXEC_MODES = ("auto", "masked", "sliced")
-
-
 class DynamicExecution:
     """What a family's model class mixes in (before `nn.Module`) to run a dynamic student two ways.
 
@@ -281,20 +278,11 @@ class DynamicExecution:
     dynamic_exec: str = "auto"
 
     def exec_mode(self, complete: bool) -> str:
-        if not self.config.dynamic or complete:
-            return "static"
-        if self.training:
-            return "masked"
-        if self.dynamic_exec not in EXEC_MODES:
-            raise ValueError(f"dynamic_exec={self.dynamic_exec!r} is not one of {EXEC_MODES}")
-        return "masked" if self.dynamic_exec == "masked" else "sliced"
+        return exec_mode(self.config.dynamic, self.training, self.dynamic_exec, complete)
 
     def train(self, mode: bool = True):
         if mode:
-            for module in self.modules():
-                for cache in vars(module).values():
-                    if isinstance(cache, (SlicedWeights, WidthPlanCache)):
-                        cache.clear()
+            clear_inference_caches(self)
         return super().train(mode)
 
 
@@ -344,3 +332,28 @@ def token_masked_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor |
     """The training path of the same: every token computed, unrouted ones multiplied by 0 (STE mask)."""
     m = token_mask.unsqueeze(-1).to(y.dtype)
     return x + (m if gate is None else m * gate.unsqueeze(1)) * y
+
+
+EXEC_MODES = ("auto", "masked", "sliced")
+
+
+def exec_mode(dynamic: bool, training: bool, dynamic_exec: str, complete: bool) -> str:
+    """How a model runs its blocks: "static" (a static model, or `complete=True`), "masked" (training,
+    or eval asked for it with `dynamic_exec="masked"`) or "sliced" (inference)."""
+    if not dynamic or complete:
+        return "static"
+    if training:
+        return "masked"
+    if dynamic_exec not in EXEC_MODES:
+        raise ValueError(f"dynamic_exec={dynamic_exec!r} is not one of {EXEC_MODES}")
+    return "masked" if dynamic_exec == "masked" else "sliced"
+
+
+def clear_inference_caches(model: nn.Module) -> None:
+    """Drop every width plan and sliced weight copy held by `model`'s modules (directly or in a dict):
+    they serve inference only and would hold memory through training."""
+    for module in model.modules():
+        for value in vars(module).values():
+            for cache in (value.values() if isinstance(value, dict) else (value,)):
+                if isinstance(cache, (SlicedWeights, WidthPlanCache)):
+                    cache.clear()

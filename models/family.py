@@ -171,6 +171,14 @@ class ModelFamily(ABC):
         if self.conditioning(model.config).kind != "class":
             model.set_null_condition(null)
 
+    def example_batch(self, cfg: Any, n: int, text_len: int | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """A batch of the loader's condition fields for `n` samples, zero-filled, at the config's text
+        length unless `text_len` is given (memory planning traces it on the meta device; benchmarks)."""
+        if self.conditioning(cfg).kind == "class":
+            return {"y": torch.zeros(n, dtype=torch.long, device=device)}
+        raise NotImplementedError(f"the {self.name} family does not say what its batches hold (example_batch)")
+
     # -- weights ----------------------------------------------------------------------------------
     @abstractmethod
     def recognises(self, raw: "RawWeights") -> bool:
@@ -222,6 +230,14 @@ class ModelFamily(ABC):
         if name.startswith("final_layer"):
             return "final_layer"
         return "embeddings"
+
+    def param_split(self, cfg: Any, name: str, shape: tuple[int, ...]) -> dict[str, int]:
+        """Parameter counts of one tensor by report group: all in `param_group(name)`, unless a family
+        fuses groups in one tensor (FLUX's single blocks) and splits it here."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return {self.param_group(name): numel}
 
 
 # --- the registry of families ----------------------------------------------------------------------

@@ -9,6 +9,10 @@ DWC starts random. Routers do not exist in a static teacher; they keep their "al
 lazy: `models.lazy`); the engine then fills the planned keys into the student once it is placed,
 each rank only the rows its shard holds (`models.sharded_load.fill`). `inherit_weights` does both at
 once on a whole model.
+
+A fused tensor can be excluded in part: `name@rows=a:b` keeps the student's own rows a..b of dim 0
+and copies the rest, `name@cols=a:b` the same for dim 1 (FLUX's single blocks fuse q, k, v with the
+MLP input in `linear1` and the attention output with the MLP output in `linear2`).
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ class InheritReport:
     inherited: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)  # student keys with no teacher counterpart
     skipped: list[str] = field(default_factory=list)  # keys present in both, excluded by policy
+    partial: list[str] = field(default_factory=list)  # copied except the excluded rows/columns ("key@rows=a:b")
     unused: list[str] = field(default_factory=list)  # teacher keys the student does not have
 
     def summary(self) -> str:
         return (
             f"inherited {len(self.inherited)}, newly initialised {len(self.initialised)}, "
-            f"skipped by policy {len(self.skipped)}, unused teacher keys {len(self.unused)}"
+            f"skipped by policy {len(self.skipped)}, partly kept by policy {len(self.partial)}, "
+            f"unused teacher keys {len(self.unused)}"
         )
 
 
@@ -42,10 +48,12 @@ class InheritPlan(InheritReport):
     """What a student copies from `source` (`inherited`: the keys to fill), checked but not yet copied."""
 
     source: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    keep: dict[str, list[tuple[int, slice]]] = field(default_factory=dict)  # key → the student's own spans (axis, span)
 
     def apply(self, student: nn.Module) -> None:
-        """Copy the planned keys into `student` (whole, or the local rows of an FSDP2-sharded student)."""
-        fill(student, self.source, self.inherited)
+        """Copy the planned keys into `student` (whole, or the local rows of an FSDP2-sharded student),
+        keeping the student's own values in the partially excluded spans."""
+        fill(student, self.source, self.inherited, keep=self.keep)
 
 
 def attention_exclude(teacher_cfg, student_cfg, patterns) -> list[str]:
@@ -53,6 +61,23 @@ def attention_exclude(teacher_cfg, student_cfg, patterns) -> list[str]:
     if teacher_cfg.attention != student_cfg.attention or teacher_cfg.num_heads != student_cfg.num_heads:
         return list(patterns)
     return []
+
+
+def split_pattern(pattern: str) -> tuple[str, int | None, slice | None]:
+    """`name@rows=a:b` → (name, 0, slice(a, b)); `name@cols=a:b` → (name, 1, …); a plain pattern → (it, None, None)."""
+    base, sep, spec = pattern.partition("@")
+    if not sep:
+        return pattern, None, None
+    axis, _, span = spec.partition("=")
+    lo, _, hi = span.partition(":")
+    if axis not in ("rows", "cols") or not lo.isdigit() or not hi.isdigit():
+        raise ValueError(f"inherit exclusion {pattern!r}: a partial exclusion reads name@rows=a:b or name@cols=a:b")
+    return base, 0 if axis == "rows" else 1, slice(int(lo), int(hi))
+
+
+def whole_patterns(patterns) -> list[str]:
+    """The patterns that exclude whole keys (what a shape check may skip)."""
+    return [p for p in patterns if "@" not in p]
 
 
 def default_exclude(teacher_cfg, student_cfg) -> list[str]:
@@ -71,6 +96,8 @@ def plan_inheritance(
     of a key to copy. `exclude` are fnmatch patterns of keys not to copy (default: nothing). Reads no
     values, so it works on a meta-device or sharded student."""
     exclude = exclude or []
+    parts = [split_pattern(p) for p in exclude if "@" in p]
+    whole = whole_patterns(exclude)
     plan = InheritPlan(source=source)
     own = state_tensors(student)
     mismatched = []
@@ -78,13 +105,17 @@ def plan_inheritance(
         if key not in source:
             plan.initialised.append(key)
             continue
-        if any(fnmatch.fnmatchcase(key, pat) for pat in exclude):
+        if any(fnmatch.fnmatchcase(key, pat) for pat in whole):
             plan.skipped.append(key)
             continue
         src = source[key]
         if tuple(src.shape) != tuple(dst.shape):
             mismatched.append(f"{key}: teacher {tuple(src.shape)} vs student {tuple(dst.shape)}")
             continue
+        keep = [(axis, span) for base, axis, span in parts if fnmatch.fnmatchcase(key, base)]
+        if keep:
+            plan.keep[key] = keep
+            plan.partial.extend(f"{key}@{'rows' if axis == 0 else 'cols'}={span.start}:{span.stop}" for axis, span in keep)
         plan.inherited.append(key)
     if mismatched:
         raise ValueError(
@@ -107,4 +138,4 @@ def inherit_weights(
     """
     plan = plan_inheritance(student, teacher_state, exclude)
     plan.apply(student)
-    return InheritReport(plan.inherited, plan.initialised, plan.skipped, plan.unused)
+    return InheritReport(plan.inherited, plan.initialised, plan.skipped, plan.unused, plan.partial)

@@ -111,10 +111,13 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 @torch.no_grad()
-def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | None = None) -> list[str]:
+def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | None = None,
+         keep: Mapping[str, list[tuple[int, slice]]] | None = None) -> list[str]:
     """Copy `state[k]` into the module's tensor `k` for each `k` of `keys` (default: all of the
-    module's), each rank only its local rows; values are cast to the destination's dtype. Returns the
-    names filled."""
+    module's), each rank only its local rows; values are cast to the destination's dtype. `keep[k]`
+    lists (axis, span) regions of `k` (rows: axis 0, columns: axis 1) whose current values stay (a
+    partial inheritance exclusion, e.g. FLUX's fused q/k/v rows). Returns the names filled."""
+    keep = keep or {}
     own = state_tensors(module)
     names = list(own) if keys is None else list(keys)
     unknown = [k for k in names if k not in own or k not in state]
@@ -128,8 +131,24 @@ def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | N
         if dst.ndim == 0:
             local.copy_(materialise(src))
         elif b > a:
+            own = [(view, view.clone()) for view in _kept_views(local, a, b, keep.get(name, ()))]
             local.copy_(read_rows(src, a, b))
+            for view, values in own:
+                view.copy_(values)
     return names
+
+
+def _kept_views(local: torch.Tensor, a: int, b: int, spans) -> list[torch.Tensor]:
+    """Views of this rank's rows [a, b) of a tensor that fall in the (axis, span) regions."""
+    views = []
+    for axis, span in spans:
+        if axis == 0:
+            lo, hi = max(span.start, a), min(span.stop, b)
+            if hi > lo:
+                views.append(local.narrow(0, lo - a, hi - lo))
+        else:
+            views.append(local.narrow(axis, span.start, span.stop - span.start))
+    return views
 
 
 @torch.no_grad()

@@ -52,3 +52,25 @@ class StudentOptions:
             bad("token_router_reduction", f"must be <= hidden_size={hidden_size}")
         if self.kernels not in KERNEL_MODES:
             bad("kernels", "one of auto | triton | reference")
+
+
+class TransformerWidths:
+    """Derived widths of a config with `hidden_size`, `num_heads`, `mlp_ratio` and `mlp_groups`."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    mlp_groups: Optional[int]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def groups(self) -> int:
+        """MLP channel groups of a dynamic student (DyDiT: one per head unless set)."""
+        return self.mlp_groups or self.num_heads

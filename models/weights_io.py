@@ -345,3 +345,24 @@ def few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def config_fields(raw: RawWeights, sd: Mapping[str, torch.Tensor], overrides: Mapping[str, Any],
+                  from_diffusers, infer) -> dict[str, Any]:
+    """A family's config fields for a file: our metadata as saved, else inferred from the (renamed) tensor
+    shapes by `infer(sd, known, source)`, where a diffusers config.json (`from_diffusers(cfg, source)`)
+    and explicit overrides are known; overrides win everywhere."""
+    if raw.ours is not None:
+        return {**raw.ours, **overrides}
+    base = from_diffusers(raw.diffusers_config, raw.source) if raw.diffusers_config is not None else {}
+    return infer(sd, {**base, **overrides}, raw.source)
+
+
+def key_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """(lines naming the missing, unexpected and mis-shaped keys of `sd` against `expected` shapes — empty
+    when it fits —, the unexpected keys)."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
+              for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != tuple(expected[k])]
+    lines = [f"{name} ({len(keys)}): {few(keys)}" for name, keys in
+             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+    return lines, unexpected

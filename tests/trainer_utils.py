@@ -54,13 +54,15 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{(proc.stdout or '')[-3000:]}\n{(proc.stderr or '')[-3000:]}"
 
 
-def run_train(config: Path, overrides: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m launch.train` (nproc=1) or `torchrun --nproc_per_node nproc -m launch.train`."""
+def run_train(config: Path, overrides: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
+              module: str = "launch.train") -> subprocess.CompletedProcess:
+    """`python -m launch.train` (nproc=1) or `torchrun --nproc_per_node nproc -m launch.train` (or another
+    entry point `module` with launch.train's arguments)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "launch.train", str(config), *overrides]
+        cmd = [sys.executable, "-m", module, str(config), *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "launch.train", str(config), *overrides]
+               "-m", module, str(config), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=base_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 

@@ -62,8 +62,10 @@ def router_map(module, raw_model, objective, device: torch.device, points: int =
     family = family_of(raw_model)
     was_training = module.training
     module.eval()
-    t = objective.sampling_timesteps(points, "ddim" if objective.kind == "gaussian" else "euler").to(device)
-    x = torch.zeros(len(t), *family.latent_shape(raw_model.config), device=device)
+    shape = family.latent_shape(raw_model.config)
+    seq_len = family.image_tokens(raw_model.config, tuple(shape[-2:]))  # a resolution-shifted flow needs it
+    t = objective.sampling_timesteps(points, "ddim" if objective.kind == "gaussian" else "euler", seq_len=seq_len).to(device)
+    x = torch.zeros(len(t), *shape, device=device)
     cond = family.eval_condition(raw_model, len(t), batch)
     cond = raw_model.null_condition({k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()})
     _, aux = module(x, t, **cond, return_aux=True)

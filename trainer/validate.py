@@ -15,6 +15,7 @@ import torch
 
 from models import family_of, model_config
 from models.family import OBJECTIVE_LAYOUTS
+from models.inherit import split_pattern, whole_patterns
 from trainer.config import ConfigError, RunConfig
 
 SAMPLING = {"gaussian": ("uniform", "stratified"), "flow": ("uniform", "logit_normal")}
@@ -172,6 +173,12 @@ def _inheritable(cfg: RunConfig, student: Any, source_cfg: Any, key: str, path: 
     exclude = cfg.student.inherit_exclude
     if exclude is None:
         exclude = family.inherit_exclude(source_cfg, student)
+    for pattern in exclude:  # a partial exclusion (name@rows=a:b) keeps the shape check of its key
+        try:
+            split_pattern(pattern)
+        except ValueError as e:
+            raise ConfigError(f"config student.inherit_exclude: {e}") from e
+    exclude = whole_patterns(exclude)
     bad = [f"{k}: {key} {src[k]} vs student {dst[k]}" for k in sorted(set(dst) & set(src))
            if src[k] != dst[k] and not any(fnmatch.fnmatchcase(k, p) for p in exclude)]
     if bad:

@@ -5,8 +5,16 @@ correct first and reasonably fast second (no dense mask products, fp32 accumulat
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled on `device_type`; nothing to disable on the meta device (memory planning
+    traces models there, and torch has no autocast state for it)."""
+    return nullcontext() if device_type == "meta" else torch.autocast(device_type=device_type, enabled=False)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -21,7 +29,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     out_dtype = v.dtype
     # at least fp32 (fp16/bf16 state overflows or loses the sum); float64 inputs stay float64
     acc = torch.promote_types(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype), torch.float32)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         qf = F.relu(q.to(acc))
         kf = F.relu(k.to(acc))
         vf = v.to(acc)

@@ -293,9 +293,27 @@ def zero3_student(deepspeed, student: nn.Module, conf: dict[str, Any], inherit: 
             start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
             length = max(0, min(part.ds_numel, p.ds_numel - start))
             if length:
-                part.narrow(0, 0, length).copy_(read_flat(src, start, start + length))
+                new = read_flat(src, start, start + length).to(part.dtype)
+                if name in inherit.keep:  # a partial exclusion: the student's own values stay there
+                    own = flat_kept(p.ds_shape, inherit.keep[name], start, length, new.device)
+                    new = torch.where(own, part.narrow(0, 0, length), new)
+                part.narrow(0, 0, length).copy_(new)
     inherit_into(student, InheritPlan(inherited=buffers, source=inherit.source))
     return student
+
+
+def flat_kept(shape, spans, start: int, length: int, device) -> torch.Tensor:
+    """(length,) bool: which elements of the flat range [start, start+length) of a tensor of `shape`
+    fall in the (axis, span) regions a partial inheritance exclusion keeps."""
+    idx = torch.arange(start, start + length, device=device)
+    cols = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1
+    row, col = idx // cols, idx % cols
+    inner = int(torch.Size(shape[2:]).numel()) if len(shape) > 2 else 1
+    out = torch.zeros(length, dtype=torch.bool, device=device)
+    for axis, span in spans:
+        coord = row if axis == 0 else col // inner
+        out |= (coord >= span.start) & (coord < span.stop)
+    return out
 
 
 class DeepSpeedEngine(Engine):
