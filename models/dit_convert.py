@@ -19,7 +19,7 @@ from models.convert_shapes import backbone_fields, grid_input_size, heads_by_wid
 from models.dit import DiT
 from models.embeddings import sincos_pos_embed_2d
 from models.family import Checkpoint
-from models.weights_io import CheckpointError, RawWeights, config_fields, few, key_problems
+from models.weights_io import CheckpointError, RawWeights, config_fields, key_problems
 
 # hidden size → DiT heads (384→6 … 1152→16), for official files that do not say
 HEADS_BY_HIDDEN = {hidden: heads for _, hidden, heads, _ in SIZES.values()}
