@@ -7,7 +7,6 @@ shift, scale; `linear`), the joint token mixing of either attention kind, and Dy
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -170,21 +169,9 @@ class TokenRouter(nn.Module):
                 seeds: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """(B, N) token mask."""
         return gumbel_sigmoid_ste(self.logits(img, vec, txt), self.tau, self.training, self.threshold,
-                                  **seed_kwargs(seeds, salt))
-
-
-def seed_kwargs(seeds: torch.Tensor | None, salt: int) -> dict:
-    """Per-sample router seeds (issue 9 item 5) for `gumbel_sigmoid_ste` / `Router`: passed through when
-    given; without them the routers draw from the global RNG. Refused clearly while the shared routers
-    do not take them yet."""
-    if seeds is None:
-        return {}
-    if "seeds" not in inspect.signature(gumbel_sigmoid_ste).parameters:
-        raise NotImplementedError("per-sample router seeds (seeds=...) need models.dynamic's seeded Gumbel noise, "
-                                  "which has not landed here yet; call without seeds")
-    return {"seeds": seeds, "salt": salt}
+                                  seeds=seeds, salt=salt)
 
 
 def call_router(router: nn.Module, x: torch.Tensor, seeds: torch.Tensor | None, salt: int) -> torch.Tensor:
-    """A width `Router` on the timestep embedding, with this call site's seeds and salt."""
-    return router(x, **seed_kwargs(seeds, salt))
+    """A width `Router` on the timestep embedding, with this call site's seeds and salt (per-sample noise)."""
+    return router(x, seeds, salt)

@@ -138,4 +138,5 @@ def inherit_weights(
     """
     plan = plan_inheritance(student, teacher_state, exclude)
     plan.apply(student)
-    return InheritReport(plan.inherited, plan.initialised, plan.skipped, plan.unused, plan.partial)
+    return InheritReport(inherited=plan.inherited, initialised=plan.initialised, skipped=plan.skipped,
+                         partial=plan.partial, unused=plan.unused)

@@ -80,8 +80,10 @@ def set_dtypes(module: nn.Module, state: Mapping[str, Weight], dtype: torch.dtyp
     for prefix, mod in module.named_modules():
         dot = f"{prefix}." if prefix else ""
         for name, p in list(mod._parameters.items()):
+            if p is None:  # a registered-but-absent parameter (LayerNorm without affine)
+                continue
             want = dtype or state[dot + name].dtype
-            if p is not None and p.dtype != want and p.is_floating_point():
+            if p.dtype != want and p.is_floating_point():
                 mod._parameters[name] = nn.Parameter(p.detach().to(want), requires_grad=p.requires_grad)
         for name, b in list(mod._buffers.items()):
             key = dot + name
@@ -131,9 +133,9 @@ def fill(module: nn.Module, state: Mapping[str, Weight], keys: Iterable[str] | N
         if dst.ndim == 0:
             local.copy_(materialise(src))
         elif b > a:
-            own = [(view, view.clone()) for view in _kept_views(local, a, b, keep.get(name, ()))]
+            kept = [(view, view.clone()) for view in _kept_views(local, a, b, keep.get(name, ()))]
             local.copy_(read_rows(src, a, b))
-            for view, values in own:
+            for view, values in kept:
                 view.copy_(values)
     return names
 

@@ -28,7 +28,8 @@ def write_digits(path: str, fmt: str, n: Optional[int] = None, samples_per_shard
     return path
 
 
-def latent_sample(i: int, rng: np.random.Generator, latent=LATENT, text=TEXT, label: Optional[int] = None) -> dict[str, Any]:
+def latent_sample(i: int, rng: np.random.Generator, latent=LATENT, text=TEXT, label: Optional[int] = None,
+                  pooled: Optional[int] = None) -> dict[str, Any]:
     mask = np.zeros(text[0], np.uint8)
     mask[: 1 + i % text[0]] = 1
     s = {"key": f"{i:06d}", "latent": rng.standard_normal(latent).astype(np.float16),
@@ -36,11 +37,13 @@ def latent_sample(i: int, rng: np.random.Generator, latent=LATENT, text=TEXT, la
          "json": {"source": "test", "original_size": [latent[1] * 8, latent[2] * 8]}}
     if label is not None:
         s["cls"] = label
+    if pooled is not None:  # a CLIP pooled vector (FLUX's conditioning)
+        s["text_pooled"] = rng.standard_normal(pooled).astype(np.float16)
     return s
 
 
 def write_raw(path: str, fmt: str, shards: list[list[dict[str, Any]]], latent=LATENT, text=TEXT,
-              group: str = "", classes: Optional[list[str]] = None) -> Manifest:
+              group: str = "", classes: Optional[list[str]] = None, pooled: Optional[int] = None) -> Manifest:
     """Write the given samples shard by shard (no checks, so tests can plant bad samples) plus a manifest."""
     records, entries = [], []
     for n, samples in enumerate(shards):
@@ -53,7 +56,8 @@ def write_raw(path: str, fmt: str, shards: list[list[dict[str, Any]]], latent=LA
         write_mds_index(os.path.join(path, group_dir(group)), entries)
     fields = sorted(shards[0][0])
     manifest = Manifest(format=fmt, fields=fields, groups=[Group(group, records, list(latent))], source="test", classes=classes,
-                        latent={"scaling_factor": 0.5, "shift_factor": 0.0}, text={"max_length": text[0], "dim": text[1]})
+                        latent={"scaling_factor": 0.5, "shift_factor": 0.0},
+                        text={"max_length": text[0], "dim": text[1], **({"pooled_dim": pooled} if pooled else {})})
     write_manifest(path, manifest)
     return manifest
 

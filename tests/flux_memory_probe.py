@@ -30,7 +30,7 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 def main(config: str, out_dir: str) -> int:
     from models import family_of
-    from trainer.build import build_objective, build_student, load_teacher
+    from trainer.build import build_objective, build_student, open_teacher
     from trainer.config import load_config
     from trainer.distributed import destroy_distributed, init_distributed
     from trainer.engines import build_engine
@@ -39,11 +39,12 @@ def main(config: str, out_dir: str) -> int:
     cfg = load_config(config, [])
     env = init_distributed(cfg.engine.collective_timeout_s)
     try:
-        teacher, _ = load_teacher(cfg)
+        source = open_teacher(cfg)
+        teacher = source.checkpoint if source is not None else None
         torch.manual_seed(0)
-        student, _ = build_student(cfg, teacher)
+        student, plan = build_student(cfg, teacher)
         engine = build_engine(cfg, env)
-        engine.setup(student, teacher)
+        engine.setup(student, teacher, plan)
         family = family_of(engine.raw_student)
         mcfg = engine.raw_student.config
         n = cfg.train.micro_batch

@@ -221,16 +221,20 @@ def test_every_router_receives_the_seeds_and_its_own_salt(monkeypatch):
     assert len(set(salts)) == len(salts), salts
 
 
-def test_seeds_are_refused_clearly_until_the_shared_routers_take_them():
-    import inspect
+def test_router_noise_follows_each_samples_seed():
+    """Training masks are a function of each sample's seed: samples 2 and 3 draw the same decisions in a
+    batch of 4 and in a batch of their own (world-size independence; models/rng.py)."""
+    from models import rng
 
-    from models.dynamic import gumbel_sigmoid_ste
-
-    if "seeds" in inspect.signature(gumbel_sigmoid_ste).parameters:
-        pytest.skip("the shared seeded Gumbel noise has landed")
-    m = dyflux().train()
-    with pytest.raises(NotImplementedError, match="per-sample router seeds"):
-        m(*flux_inputs(), seeds=torch.tensor([1, 2]))
+    m = route_partially(dyflux(depth=2)).train()
+    x, t, te, tp = flux_inputs(batch=4)
+    seeds = rng.sample_seeds(0, 0, torch.arange(4), rng.ROUTERS)
+    _, whole = m(x, t, te, tp, seeds=seeds, return_aux=True)
+    _, part = m(x[2:], t[2:], te[2:], tp[2:], seeds=seeds[2:], return_aux=True)
+    for k in ("head_masks", "channel_masks", "token_masks"):
+        assert torch.equal(whole[k][2:], part[k]), k
+    _, other = m(x, t, te, tp, seeds=seeds + 1, return_aux=True)
+    assert not torch.equal(whole["token_masks"], other["token_masks"])  # the seed is what decides
 
 
 def test_flops_gradient_reaches_every_router():

@@ -2,9 +2,8 @@
 text-embedding shards (latent, text_emb, text_mask; non-square latents): they train, sample grids,
 checkpoint and resume bit for bit under DDP and under FSDP2 with the teacher sharded.
 
-The batches' CLIP pooled vector comes from `tests/flux_pooled_standin.py` until the shard schema
-carries `text_pooled` (see that file). Two crossings run by default (DyFLUX under FSDP2, LiT-FLUX under
-DDP); the other two are marked slow.
+The shards carry FLUX's CLIP pooled vector (`text_pooled`). Two crossings run by default (DyFLUX
+under FSDP2, LiT-FLUX under DDP); the other two are marked slow.
 """
 from __future__ import annotations
 
@@ -18,15 +17,15 @@ from tests.flux_helpers import TINY, tiny_flux
 from tests.trainer_utils import assert_ok, losses, metrics, run_train, write_config
 
 LATENT, TEXT = (4, 8, 12), (6, 32)  # 4×6 = 24 image tokens, 6 T5 tokens of width 32
-STANDIN = "tests.flux_pooled_standin"
+POOLED = 24  # the tiny FLUX configs' vec_in_dim
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     path = tmp_path_factory.mktemp("flux_shards")
     rng = np.random.default_rng(0)
-    samples = [latent_sample(i, rng, latent=LATENT, text=TEXT) for i in range(16)]
-    write_raw(str(path), "wds", [samples[:8], samples[8:]], latent=LATENT, text=TEXT)
+    samples = [latent_sample(i, rng, latent=LATENT, text=TEXT, pooled=POOLED) for i in range(16)]
+    write_raw(str(path), "wds", [samples[:8], samples[8:]], latent=LATENT, text=TEXT, pooled=POOLED)
     return path
 
 
@@ -59,11 +58,11 @@ def flux_config(tmp_path, name, model, shards, teacher, engine, args=None):
 def _trains_and_resumes(tmp_path, shards, teacher, model, engine, args=None):
     cfg = flux_config(tmp_path, "run", model, shards, teacher, engine, args)
     whole, split = tmp_path / "whole", tmp_path / "split"
-    first = run_train(cfg, [f"run_dir={whole}"], nproc=2, module=STANDIN, timeout=600)
+    first = run_train(cfg, [f"run_dir={whole}"], nproc=2, timeout=600)
     assert_ok(first)
     assert "inherited" in first.stdout + first.stderr
-    assert_ok(run_train(cfg, [f"run_dir={split}", "train.steps=2"], nproc=2, module=STANDIN, timeout=600))
-    assert_ok(run_train(cfg, [f"run_dir={split}"], nproc=2, module=STANDIN, timeout=600))  # resumes at step 2
+    assert_ok(run_train(cfg, [f"run_dir={split}", "train.steps=2"], nproc=2, timeout=600))
+    assert_ok(run_train(cfg, [f"run_dir={split}"], nproc=2, timeout=600))  # resumes at step 2
     assert losses(whole) == losses(split)  # bit for bit
     assert [m["step"] for m in metrics(split)] == [1, 2, 3, 4]
     assert all(np.isfinite(losses(whole))) and all(m["loss/kd"] > 0 for m in metrics(whole))
@@ -104,8 +103,12 @@ def test_lit_flux_distils_under_fsdp2_with_a_sharded_teacher(tmp_path, shards, t
     _trains_and_resumes(tmp_path, shards, teacher, "lit-flux-dev", "fsdp", {"num_heads": 1})
 
 
-def test_missing_pooled_vector_is_a_clear_error(tmp_path, shards, teacher):
-    """Without the stand-in (shards of this branch's schema hold no text_pooled) the run stops clearly."""
-    cfg = flux_config(tmp_path, "plain", "lit-flux-dev", shards, teacher, "single")
+def test_shards_without_the_pooled_vector_are_refused_before_training(tmp_path, teacher):
+    """FLUX conditions on CLIP's pooled vector: shards without it are a config error (exit 2), not a crash."""
+    rng = np.random.default_rng(0)
+    plain = tmp_path / "no_pooled"
+    samples = [latent_sample(i, rng, latent=LATENT, text=TEXT) for i in range(8)]
+    write_raw(str(plain), "wds", [samples], latent=LATENT, text=TEXT)
+    cfg = flux_config(tmp_path, "plain", "lit-flux-dev", plain, teacher, "single")
     proc = run_train(cfg, [f"run_dir={tmp_path / 'plain'}", "train.steps=1"])
-    assert proc.returncode != 0 and "text_pooled" in proc.stderr and "CLIP" in proc.stderr
+    assert proc.returncode == 2 and "text_pooled" in proc.stderr and "--clip-encoder" in proc.stderr

@@ -4,8 +4,9 @@ Static state is counted from parameter counts and the engine's layout:
 - student: fp32 master weights, fp32 gradients and AdamW's two fp32 moments, each sharded over the
   N ranks (16 B/param/N), plus the EMA copy (fp32, sharded the same way: 4 B/param/N); buffers
   (e.g. FLUX's null text) are replicated;
-- teacher: its weights in the teacher dtype (bf16), sharded (`teacher.shard: true`: its blocks; FSDP2
-  keeps the root unit — embeddings, final layer — gathered after the forward) or replicated;
+- teacher: its weights in the teacher dtype (bf16), sharded (`teacher.shard: true`: its blocks and its
+  root unit, which the frozen teacher reshards after each forward; `trainer/engines/placement.py`) or
+  replicated;
 - FSDP's transients: the unsharded bf16 parameters of the block being computed and the one prefetched
   (2 · 2 B · block params), in backward also that block's unsharded bf16 gradients and their fp32
   reduce-scatter copy (6 B · block params); the root module's parameters unsharded in bf16.
@@ -248,8 +249,8 @@ def plan_memory(student_cfg: Any, teacher_cfg: Any | None, gpus: int, gpu_mem_gi
         with _meta_model(teacher_cfg, teacher_dtype) as teacher:
             t = model_counts(teacher)
             t_acts = trace_activations(teacher, resolution, text_len)
-        if teacher_shard:  # FSDP2 keeps the root unit gathered after its forward (no backward ever reshards it)
-            rows["teacher (sharded)"] = tb * (t.params - t.root) / gpus + tb * t.root + t.buffers
+        if teacher_shard:  # every unit, the root too, reshards after its forward (a frozen teacher has no backward)
+            rows["teacher (sharded)"] = tb * t.params / gpus + t.buffers
             rows["FSDP unsharded teacher blocks"] = 2 * tb * t.largest_block
         else:
             rows["teacher (replicated)"] = tb * t.params + t.buffers

@@ -145,6 +145,18 @@ def _conditioning(cfg: RunConfig, student: Any, family) -> None:
             + (" and point data.path at shards with precomputed text embeddings (launch.precompute)"
                if spec.data_cond == "text_emb" else "")
         )
+    if "text_pooled" in spec.batch_keys and cfg.data.path and cfg.data.layout == "ditill":
+        from data.manifest import read_manifest
+
+        try:
+            text = read_manifest(cfg.data.path).text or {}
+        except (FileNotFoundError, ValueError):
+            return  # the loader reports an unreadable shard directory with its own message
+        if not text.get("pooled_dim"):
+            raise ConfigError(
+                f"config data.path={cfg.data.path!r}: {cfg.student.model} conditions on CLIP's pooled text vector "
+                "(text_pooled), which these shards do not carry; precompute them with `python -m launch.precompute "
+                "--clip-encoder CLIP_DIR` (FLUX: with --no-text-mask)")
 
 
 def _read_config(source: str, key: str) -> Any:
