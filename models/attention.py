@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from models.dynamic import SlicedWeights, UnitSelection
+from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
 from models.kernels.dispatch import get_ops
 
 
@@ -37,7 +37,7 @@ class _MultiHeadProjections(nn.Module):
         else:
             params = (self.qkv.weight, self.qkv.bias)
             w, bias = self._qkv_slices.get(heads, params, lambda: self._slice_qkv(heads))
-            qkv = F.linear(x, w, bias)
+            qkv = sliced_linear(self.qkv, x, w, bias, rows=self._qkv_rows(heads))
             h = heads.index.numel()
         # Split on the (b, n, 3, h, d) view and transpose each: the backward's stack of dq, dk, dv
         # then lands directly in qkv's layout (a permute-then-unbind would add a full copy).
@@ -58,14 +58,16 @@ class _MultiHeadProjections(nn.Module):
         o = o.reshape(b, n, h * d)
         if heads is None or heads.full:
             return self.proj(o)
-        (w,) = self._proj_slices.get(
-            heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, heads.rows(self.head_dim)),)
-        )
-        return F.linear(o, w, self.proj.bias)
+        cols = heads.rows(self.head_dim)
+        (w,) = self._proj_slices.get(heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, cols),))
+        return sliced_linear(self.proj, o, w, self.proj.bias, cols=cols)
+
+    def _qkv_rows(self, heads: UnitSelection) -> torch.Tensor:
+        """Rows of the fused qkv layer for the selected heads (their q, k and v parts)."""
+        return heads.rows(self.head_dim, copies=3, stride=self.dim)
 
     def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the fused qkv weight and bias for the selected heads (their q, k and v parts)."""
-        rows = heads.rows(self.head_dim, copies=3, stride=self.dim)
+        rows = self._qkv_rows(heads)
         return self.qkv.weight.index_select(0, rows), self.qkv.bias.index_select(0, rows)
 
 

@@ -6,10 +6,9 @@ before the GELU (GELU(0) = 0, the training path) or by slicing fc1 rows and fc2 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.dynamic import SlicedWeights, UnitSelection
+from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
 
 
 class Mlp(nn.Module):
@@ -35,12 +34,13 @@ class Mlp(nn.Module):
         if sliced:
             params = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
             w1, b1, w2 = self._slices.get(groups, params, lambda: self._sliced_weights(groups))
-            h = F.linear(x, w1, b1)
+            rows = groups.rows(self.group_size)
+            h = sliced_linear(self.fc1, x, w1, b1, rows=rows)
         else:
             h = self.fc1(x)
         if unit_mask is not None:
             h = h * unit_mask.repeat_interleave(self.group_size, dim=-1).to(h.dtype)
         h = self.act(h)
         if sliced:
-            return F.linear(h, w2, self.fc2.bias)
+            return sliced_linear(self.fc2, h, w2, self.fc2.bias, cols=rows)
         return self.fc2(h)
