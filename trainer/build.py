@@ -87,7 +87,10 @@ def load_teacher(cfg: RunConfig) -> tuple[nn.Module | None, dict[str, Any]]:
 
 
 def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module, InheritReport | None]:
-    """The student, initialised as `student.init` says (inheritance follows LiT/DyDiT's rules)."""
+    """The student, initialised as `student.init` says (inheritance follows LiT/DyDiT's rules), with
+    `peft`'s adapters on its frozen inherited base (trainer/peft.py)."""
+    from trainer.peft import apply_peft
+
     model = build_model(student_config(cfg))
     init = cfg.student.init
     if init == "random":
@@ -104,6 +107,7 @@ def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module,
     if exclude is None:
         exclude = default_exclude(src_cfg, model.config)
     report = inherit_weights(model, state, exclude)
+    apply_peft(cfg, model, report)  # adapters and a frozen base with `peft`; nothing without
     return model, report
 
 
