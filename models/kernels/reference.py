@@ -21,7 +21,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     out_dtype = v.dtype
     # at least fp32 (fp16/bf16 state overflows or loses the sum); float64 inputs stay float64
     acc = torch.promote_types(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype), torch.float32)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    # (meta tensors, used to plan memory, have no autocast of their own: any device type turns it off)
+    with torch.autocast(device_type="cpu" if q.device.type == "meta" else q.device.type, enabled=False):
         qf = F.relu(q.to(acc))
         kf = F.relu(k.to(acc))
         vf = v.to(acc)
