@@ -176,14 +176,14 @@ def format_memory(mem: dict[str, Any]) -> str:
         f"checkpointing {s['activation_checkpointing']}, bf16 compute, fp32 master weights, AdamW; LoRA rank "
         f"{s['rank']} on {'/'.join(s['targets'])} (TD-LoRA: {s['experts']} experts)",
         f"{'method':<8}{'trainable':>15}{'vs full':>9}{'weights':>9}{'grads':>8}{'optimizer':>11}{'EMA':>8}"
-        f"{'teacher':>9}{'activations':>13}{'peak':>8}{'vs full':>9}",
+        f"{'teacher':>9}{'activations':>13}{'peak':>8}{'vs full':>9}{'checkpoint':>12}",
     ]
     for r in rows:
         lines.append(
             f"{r['method']:<8}{r['trainable']:>15,}{r['trainable'] / full['trainable']:>9.3f}"
             f"{r['weights_bytes'] / gb:>9.2f}{r['grad_bytes'] / gb:>8.2f}{r['optimizer_bytes'] / gb:>11.2f}"
             f"{r['ema_bytes'] / gb:>8.2f}{r['teacher_bytes'] / gb:>9.2f}{r['activation_bytes'] / gb:>13.2f}"
-            f"{r['peak_bytes'] / gb:>8.2f}{r['peak_bytes'] / full['peak_bytes']:>9.3f}")
+            f"{r['peak_bytes'] / gb:>8.2f}{r['peak_bytes'] / full['peak_bytes']:>9.3f}{r['checkpoint_bytes'] / gb:>12.3f}")
     return "\n".join(lines)
 
 

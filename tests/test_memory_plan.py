@@ -28,6 +28,7 @@ def test_trainable_parameters_follow_the_closed_form():
     for p in (full, lo, td):
         assert p.optimizer_bytes == 8 * p.trainable and p.grad_bytes == 4 * p.trainable
         assert p.ema_bytes == 4 * p.trainable  # one device: the EMA shares the frozen base
+        assert p.checkpoint_bytes == 16 * p.trainable  # student + EMA + two moments, fp32, trainable only
     sharded = plan(cfg, LoraSpec(method="lora", rank=r), batch=2, engine="fsdp", world=4)
     assert sharded.ema_bytes == 4 * (lo.trainable + lo.frozen) // 4  # FSDP2 shards the EMA's own base copy
     assert sharded.weights_bytes == lo.weights_bytes // 4

@@ -1,6 +1,7 @@
 """PEFT through the real trainer (trainer/peft.py): checkpoints of the trainable tensors plus the base's
 digest, kill -9 and relaunch bit for bit, 2 FSDP ranks, a changed base refused, export rebuilding the
 base (adapters kept, merged, or in diffusers' layout), config errors."""
+import math
 import signal
 
 import pytest
@@ -87,6 +88,11 @@ def test_checkpoint_holds_only_trainable_tensors_and_kill9_resumes_bit_for_bit(t
     p = manifest["peft"]
     assert p["method"] == "tdlora" and len(p["base_digest"]) == 64
     assert p["trainable_params"] < 0.15 * (p["trainable_params"] + p["frozen_params"])
+    # what trainer/memory.py's checkpoint_bytes counts: student, EMA and two moments of the trainable tensors
+    md = FileSystemReader(str(ref / "checkpoints" / "step_00000008")).read_metadata().state_dict_metadata
+    numel = sum(math.prod(v.size) for k, v in md.items()
+                if k.startswith(("engine.student.", "engine.ema.")) or k.endswith((".exp_avg", ".exp_avg_sq")))
+    assert numel == 4 * p["trainable_params"]
 
 
 def test_two_fsdp_ranks_match_one_process_and_a_changed_base_is_refused(tmp_path):
@@ -179,3 +185,30 @@ def test_ema_copy_shares_the_frozen_base():
     ema = TorchEngine.make_ema_copy(None, m)
     pairs = list(zip(m.parameters(), ema.parameters()))
     assert all((s is e) == (not s.requires_grad) for s, e in pairs)  # frozen shared, trainable copied
+
+
+def test_a_family_outside_models_distils_with_tdlora_under_fsdp(tmp_path):
+    """The toy family (tests/toy_family.py: two stacks, flow, its own timestep module) through the same
+    trainer: LiT-toy's new attention trains fully, its MLPs get TD-LoRA gated on `time`; 2 FSDP ranks,
+    a checkpoint of the trainable tensors, export that loads back with its adapters."""
+    from models import build_model, load_pretrained
+    from models.convert import save_safetensors
+    from models.lora import lora_layers
+    from tests.test_family_protocol import LIT_TOY, TOY, toy_config
+    from trainer.export import export_run
+
+    torch.manual_seed(0)
+    teacher = build_model(TOY)
+    save_safetensors(teacher.state_dict(), teacher.config, tmp_path / "toy.safetensors")
+    cfg = toy_config(tmp_path, "student", model=LIT_TOY, student={"init": "inherit"},
+                     teacher={"path": str(tmp_path / "toy.safetensors")}, sample={"every": 0},
+                     train={"steps": 3}, peft={"method": "tdlora", "rank": 4, "experts": 2})
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'r'}", "engine.kind=fsdp"], nproc=2))
+    trainable = _trainable(cfg, tmp_path / "r")
+    assert any(".attn.qkv.weight" in k for k in trainable) and any(".mlp.fc1.lora_gate." in k for k in trainable)
+    assert not any(".attn.qkv.lora_" in k for k in trainable)
+    assert set(_stored(tmp_path / "r" / "checkpoints" / "step_00000003")["student"]) == trainable
+    model = load_pretrained(export_run(tmp_path / "r", tmp_path / "x")["ema"])
+    assert sorted(lora_layers(model)) == sorted(k.rsplit(".lora_", 1)[0] for k in trainable if ".lora_A" in k)
+    out = model(torch.randn(2, 1, 8, 8), torch.tensor([100.0, 700.0]), torch.tensor([1, 2]))
+    assert torch.isfinite(out).all()

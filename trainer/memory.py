@@ -47,8 +47,14 @@ class MemoryPlan:
         return (self.weights_bytes + self.grad_bytes + self.optimizer_bytes + self.ema_bytes + self.teacher_bytes
                 + self.activation_bytes)
 
+    @property
+    def checkpoint_bytes(self) -> int:
+        """A checkpoint's tensors (all ranks): student, EMA and AdamW moments of the trainable parameters in
+        fp32 (a PEFT checkpoint leaves out the frozen base; the manifest names it)."""
+        return self.trainable * 4 * (2 + ADAM_MOMENTS)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes}
+        return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes, "checkpoint_bytes": self.checkpoint_bytes}
 
 
 def teacher_of(student_cfg: Any) -> Any:

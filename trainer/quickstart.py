@@ -185,6 +185,8 @@ def _stage_key(cfg: RunConfig, teacher_digest: str | None) -> str:
     if d.get("teacher"):
         d["teacher"].pop("path", None)
     d["data"].pop("path", None)
+    if d.get("peft", {}).get("method") == "none":
+        d.pop("peft")  # full fine-tuning: stages made before the peft keys existed stay valid
     d["teacher_digest"] = teacher_digest
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
