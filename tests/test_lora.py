@@ -122,7 +122,17 @@ def test_only_adapters_and_newly_initialised_parts_get_gradients(name):
     opt = AdamW([p for p in student.parameters() if p.requires_grad])
     opt.step()
     assert {id(p) for p in opt.state} == {id(p) for p in student.parameters() if p.requires_grad}  # no state for the base
-    assert copy.deepcopy(student)  # (a deep copy of an adapted model works: the EMA makes one)
+    # a deep copy (the EMA makes one) has its own timestep source, fed by its own embedder
+    twin = copy.deepcopy(student).eval()
+    source = next(m for m in student.modules() if isinstance(m, LoRALinear)).source
+    twin_source = next(m for m in twin.modules() if isinstance(m, LoRALinear)).source
+    assert twin_source is not source
+    before = source.value
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t, y), student.eval()(x, t, y))
+        twin(x, t.flip(0), y)
+    assert source.value is not before  # the student's own forward fed it; the twin's fed the twin's source
+    torch.testing.assert_close(twin_source.value.flip(0), source.value)
 
 
 @pytest.mark.parametrize("method", ["lora", "tdlora"])

@@ -73,7 +73,7 @@ def test_checkpoint_holds_only_trainable_tensors_and_kill9_resumes_bit_for_bit(t
     assert proc.returncode == -signal.SIGKILL
     again = start(train_cmd(cfg, [f"run_dir={run}"]), tmp_path / "log2", base_env())
     assert finish([again]) == [0], tail(tmp_path / "log2")
-    assert started_at(tmp_path / "log2", [again]) >= 4
+    assert 2 <= started_at(tmp_path / "log2", [again]) < 8  # resumed (step 4's async save may have been in flight)
     assert losses_by_step(run) == losses_by_step(ref)
 
     trainable = _trainable(cfg, ref)
@@ -97,11 +97,13 @@ def test_checkpoint_holds_only_trainable_tensors_and_kill9_resumes_bit_for_bit(t
 
 def test_two_fsdp_ranks_match_one_process_and_a_changed_base_is_refused(tmp_path):
     """FSDP2 shards the frozen base as frozen parameters (and the EMA, which shares it before sharding);
-    2 ranks follow the single process. Resuming against another teacher file is refused even with
+    2 ranks with activation checkpointing follow the single process. Resuming against another teacher file is refused even with
     teacher.allow_changed: the adapters are deltas on the old base."""
-    cfg = _config(tmp_path, method="lora", train={"steps": 4}, checkpoint={"every": 2})
+    cfg = _config(tmp_path, method="tdlora", train={"steps": 4}, checkpoint={"every": 2})
     assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'one'}"]))
-    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'two'}", "engine.kind=fsdp"], nproc=2))
+    # with activation checkpointing: the recomputed blocks' TD-LoRA gates read the same timesteps
+    assert_ok(run_train(cfg, [f"run_dir={tmp_path / 'two'}", "engine.kind=fsdp", "engine.activation_checkpointing=full"],
+                        nproc=2))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=MULTI_RANK_RTOL)
 
     other = _teacher(tmp_path / "other.safetensors", seed=2)
