@@ -100,8 +100,9 @@ class BatchBuilder:
         words = sample_words(self.seed, self.epoch, shard, index) if spec.augment.random else None
         flip = words is not None and spec.augment.flip and flipped(words)
         if spec.input == "image":
-            image = decode_image(raw["image"], spec.x_shape)
-            self.x[row] = image.flip(-1) if flip else image
+            decode_image(raw["image"], spec.x_shape, out=self.x[row])
+            if flip:
+                self.x[row] = self.x[row].flip(-1)
         else:
             name = "latent_flip" if flip else "latent"
             _copy_array(self.x[row], raw[name], spec.x_shape, name)
@@ -187,7 +188,8 @@ def _copy_array(dst: torch.Tensor, arr: np.ndarray, shape: tuple[int, ...], name
     np.copyto(dst.numpy(), arr, casting="same_kind")
 
 
-def decode_image(data: Any, shape: tuple[int, int, int]) -> torch.Tensor:
+def decode_image(data: Any, shape: tuple[int, int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Encoded bytes (or the digits' pixels) → float32 (C, h, w) in [-1, 1], into `out` when given."""
     channels, h, w = shape
     if isinstance(data, np.ndarray):  # the in-memory digits: already pixels
         pixels = data
@@ -198,4 +200,10 @@ def decode_image(data: Any, shape: tuple[int, int, int]) -> torch.Tensor:
                 pixels = np.array(im.convert("L" if channels == 1 else "RGB"))
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
             raise SampleError("decode_error", f"image cannot be decoded: {type(e).__name__}: {e}") from e
-    return prepare_image(to_chw(pixels), (h, w))
+    chw = to_chw(pixels)
+    if out is None or tuple(chw.shape) != tuple(shape):
+        x = prepare_image(chw, (h, w))
+        return x if out is None else out.copy_(x)
+    # Already the batch's size: straight into the row, no full-size temporary (bit-identical to
+    # prepare_image, whose clamp cannot bite on 8-bit values).
+    return out.copy_(chw).div_(127.5).sub_(1.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections import Counter, OrderedDict
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -44,12 +44,12 @@ class DataError(RuntimeError):
 class _ShardPool:
     """Open shard readers of one process, least recently used closed first; failures remembered."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Any):
         self.catalog = catalog
         self.open: OrderedDict[int, ShardReader] = OrderedDict()
         self.failed: dict[int, str] = {}
 
-    def read(self, shard: int, index: int, fields: frozenset[str], notes: list[tuple[str, str]]) -> dict[str, Any]:
+    def reader(self, shard: int, notes: list[tuple[str, str]]) -> ShardReader:
         reader = self.open.get(shard)
         if reader is None:
             if shard in self.failed:
@@ -64,12 +64,40 @@ class _ShardPool:
             if len(self.open) > MAX_OPEN_SHARDS:
                 self.open.popitem(last=False)[1].close()
         self.open.move_to_end(shard)
-        return reader.read(index, fields)
+        return reader
+
+    def read(self, shard: int, index: int, fields: frozenset[str], notes: list[tuple[str, str]]) -> dict[str, Any]:
+        return self.reader(shard, notes).read(index, fields)
 
     def close(self) -> None:
         for reader in self.open.values():
             reader.close()
         self.open.clear()
+
+
+def fill_batch(builder: BatchBuilder, pool: _ShardPool, addresses: Iterable[tuple[int, int]],
+               top_up: Iterable[tuple[int, int]], counts: Counter[str], notes: list[tuple[str, str]]) -> None:
+    """Decode the planned samples into `builder`, skipping (and counting) bad ones, then fill the
+    rows left from `top_up` (the samples after the slice, counted as repeated)."""
+    fields, paths = builder.spec.fields, pool.catalog.shards
+    for s, i in addresses:
+        raw: dict[str, Any] = {}
+        try:
+            raw = pool.read(s, i, fields, notes)
+            builder.add(raw, s, i)
+        except SampleError as e:
+            counts[f"skipped/{e.reason}"] += 1
+            if e.reason != "shard_error":  # the shard itself was reported once
+                key = raw.get("key", f"#{i}")
+                notes.append((e.reason, f"skipped sample {key} (index {i}) of {paths[s].path}: {e.reason}: {e}"))
+    for s, i in top_up:
+        if builder.full:
+            break
+        try:
+            builder.add(pool.read(s, i, fields, notes), s, i)
+            counts["repeated"] += 1
+        except SampleError:
+            pass  # counted in its own turn
 
 
 class _Plans:
@@ -104,30 +132,36 @@ class _Plans:
             step += 1
 
 
-class _BatchStream(IterableDataset):
+class SlotStream(IterableDataset):
     """Runs in each worker (or in-process with 0 workers): produces every N-th planned batch.
 
     It yields messages, not batches: the tensors live in slots (`data/slots.py`) and the message
-    names the slot, plus the keys, the counters and the warnings of that batch.
+    names the slot, plus the keys, the counters and the warnings of that batch. A subclass says
+    what the planned batches are (`jobs`, cheap to walk past) and how one is made (`produce`).
     """
 
-    def __init__(self, catalog: Catalog, cfg: DataConfig, rank: int, world_size: int, start: Position,
-                 free_ids: Optional[list[Any]] = None):
-        self.catalog, self.cfg, self.rank, self.world_size, self.start = catalog, cfg, rank, world_size, start
+    def __init__(self, catalog: Any, cfg: DataConfig, rank: int, world_size: int, free_ids: Optional[list[Any]] = None):
+        self.catalog, self.cfg, self.rank, self.world_size = catalog, cfg, rank, world_size
         self.free_ids = free_ids
         self.layout = slot_layout(catalog.specs, cfg.batch_size)
         self.local_slots = LocalSlots(self.layout, SLOTS_EXTRA + 1)
 
+    def jobs(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def produce(self, job: Any, pool: _ShardPool, flat: Flat) -> dict[str, Any]:
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        plans, pool = _Plans(self.catalog, self.cfg, self.world_size), _ShardPool(self.catalog)
+        self.pool = pool = _ShardPool(self.catalog)
         worker_slots = None
         if info is not None:
             assert self.free_ids is not None
             worker_slots = WorkerSlots(self.layout, self.cfg.prefetch_factor + SLOTS_EXTRA, self.free_ids[wid])
         try:
-            for t, (epoch, base, step) in enumerate(plans.walk(*self.start)):
+            for t, job in enumerate(self.jobs()):
                 if t % nw != wid:
                     continue
                 if worker_slots is None:
@@ -136,13 +170,28 @@ class _BatchStream(IterableDataset):
                 else:
                     sid, flat, new = worker_slots.acquire()
                     send = flat if new else None  # the trainer's process maps each slot once
-                msg = self._batch(plans.get(epoch, base), epoch, step, pool, flat)
+                msg = self.produce(job, pool, flat)
                 msg.update(worker=wid, slot=sid, flat=send)
                 yield msg
         finally:
             pool.close()
 
-    def _batch(self, plan: EpochPlan, epoch: int, step: int, pool: _ShardPool, flat: Flat) -> dict[str, Any]:
+
+class _BatchStream(SlotStream):
+    """Batches of the epoch plans (DiTill shards with a manifest, or the digits)."""
+
+    def __init__(self, catalog: Catalog, cfg: DataConfig, rank: int, world_size: int, start: Position,
+                 free_ids: Optional[list[Any]] = None):
+        super().__init__(catalog, cfg, rank, world_size, free_ids)
+        self.start = start
+        self.plans = _Plans(catalog, cfg, world_size)
+
+    def jobs(self) -> Iterator[Position]:
+        return self.plans.walk(*self.start)
+
+    def produce(self, job: Position, pool: _ShardPool, flat: Flat) -> dict[str, Any]:
+        epoch, base, step = job
+        plan = self.plans.get(epoch, base)
         B = self.cfg.batch_size
         g, positions, wrapped = plan.slice(step, self.rank, B)
         seq, spec = plan.sequence(g), self.catalog.specs[g]
@@ -150,28 +199,9 @@ class _BatchStream(IterableDataset):
         counts: Counter[str] = Counter(read=B, repeated=wrapped)
         notes: list[tuple[str, str]] = []
         shards, local = seq.addresses(positions)
-        for s, i in zip(shards.tolist(), local.tolist()):
-            raw: dict[str, Any] = {}
-            try:
-                raw = pool.read(s, i, spec.fields, notes)
-                builder.add(raw, s, i)
-            except SampleError as e:
-                counts[f"skipped/{e.reason}"] += 1
-                if e.reason != "shard_error":  # the shard itself was reported once
-                    key = raw.get("key", f"#{i}")
-                    notes.append((e.reason, f"skipped sample {key} (index {i}) of {self.catalog.shards[s].path}: {e.reason}: {e}"))
-        # Top up from the positions after this slice (same bucket, so same shapes).
-        p = int(positions[-1]) + 1
-        for _ in range(seq.n):
-            if builder.full:
-                break
-            s, i = (a[0] for a in seq.addresses([p]))
-            p += 1
-            try:
-                builder.add(pool.read(int(s), int(i), spec.fields, notes), int(s), int(i))
-                counts["repeated"] += 1
-            except SampleError:
-                pass  # counted in its own turn
+        after = int(positions[-1]) + 1  # top up from the positions after this slice (same bucket, so same shapes)
+        top_up = ((int(a[0]), int(b[0])) for a, b in (seq.addresses([after + k]) for k in range(seq.n)))
+        fill_batch(builder, pool, zip(shards.tolist(), local.tolist()), top_up, counts, notes)
         if not builder.full:
             raise DataError(f"no readable sample left in bucket {plan.layouts[g].key or '(all)'} of {self.catalog.where}; "
                             "see the warnings above for the damaged shards")
@@ -179,28 +209,29 @@ class _BatchStream(IterableDataset):
                 "counts": dict(counts), "notes": notes}
 
 
-class Loader:
-    """Iterate for batches (forever); `state_dict()` after a batch, `load_state_dict()` to resume."""
+class LoaderBase:
+    """What every loader shares: the trainer-side iteration over worker messages, the slots, the
+    counters and warnings of bad samples. A subclass owns the position (`_make_stream`, `_accept`)."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, catalog: Catalog):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, catalog: Any):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.rank, self.world_size, self.catalog = cfg, rank, world_size, catalog
-        self._plans = _Plans(catalog, cfg, world_size)
-        self._pos: Position = self._plans.settle(0, None, 0)
         self._counts: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
         self._it: Optional[Iterator[dict[str, Any]]] = None
-        self._stream: Optional[_BatchStream] = None
+        self._stream: Optional[SlotStream] = None
         self._main_slots: Optional[MainSlots] = None
-        G = cfg.batch_size * world_size
-        for layout in catalog.layouts:
-            if cfg.drop_last and layout.samples < G:
-                log.warning("bucket %s of %s holds %d samples, fewer than one global batch (%d): with data.drop_last=true "
-                            "it is never used", layout.key or "(all)", catalog.where, layout.samples, G)
+
+    def _make_stream(self, free_ids: Optional[list[Any]]) -> SlotStream:
+        raise NotImplementedError
+
+    def _accept(self, msg: dict[str, Any]) -> None:
+        """Check that `msg` is the batch expected next (never guess) and move the position past it."""
+        raise NotImplementedError
 
     # -- iteration ---------------------------------------------------------------------------------
-    def __iter__(self) -> "Loader":
+    def __iter__(self) -> "LoaderBase":
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -210,9 +241,7 @@ class Loader:
         if self._main_slots is not None:
             self._main_slots.release_free()  # slots of batches the trainer has let go of
         msg = next(self._it)
-        epoch, base, step = self._pos
-        if (msg["epoch"], msg["step"]) != (epoch, step):  # the round-robin contract is broken: never guess
-            raise DataError(f"internal: got batch (epoch {msg['epoch']}, step {msg['step']}), expected ({epoch}, {step})")
+        self._accept(msg)
         if self._main_slots is None:
             flat = msg["flat"]
             self._stream.local_slots.hand_out(msg["slot"])
@@ -222,7 +251,6 @@ class Loader:
         batch: dict[str, Any] = {**batch_views(flat, spec, self.cfg.batch_size), "key": msg["key"]}
         if spec.cond == "caption":
             batch["caption"] = msg["caption"]
-        self._pos = self._plans.settle(epoch, base, step + 1)
         self._counts.update(msg["counts"])
         self._counts["samples"] += self.cfg.batch_size
         self._counts["batches"] += 1
@@ -234,7 +262,7 @@ class Loader:
     def _start(self) -> None:
         nw = self.cfg.num_workers
         free_ids = [multiprocessing.get_context().Queue() for _ in range(nw)] if nw else None
-        self._stream = _BatchStream(self.catalog, self.cfg, self.rank, self.world_size, self._pos, free_ids)
+        self._stream = self._make_stream(free_ids)
         if nw == 0:
             self._main_slots = None
             self._it = iter(self._stream)
@@ -267,6 +295,36 @@ class Loader:
                             "The warnings above name the keys and shards: repair or remove those shards, "
                             "or raise data.max_skipped_fraction if this loss is acceptable")
 
+    def _skip_stats(self) -> dict[str, int | float]:
+        read = self._counts["read"]
+        skipped = {f"data/skipped/{r}": self._counts[f"skipped/{r}"] for r in REASONS}
+        return {"data/samples": self._counts["samples"], "data/batches": self._counts["batches"],
+                "data/read": read, "data/repeated": self._counts["repeated"], **skipped,
+                "data/skipped_fraction": sum(skipped.values()) / read if read else 0.0}
+
+
+class Loader(LoaderBase):
+    """Iterate for batches (forever); `state_dict()` after a batch, `load_state_dict()` to resume."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, catalog: Catalog):
+        super().__init__(cfg, rank, world_size, catalog)
+        self._plans = _Plans(catalog, cfg, world_size)
+        self._pos: Position = self._plans.settle(0, None, 0)
+        G = cfg.batch_size * world_size
+        for layout in catalog.layouts:
+            if cfg.drop_last and layout.samples < G:
+                log.warning("bucket %s of %s holds %d samples, fewer than one global batch (%d): with data.drop_last=true "
+                            "it is never used", layout.key or "(all)", catalog.where, layout.samples, G)
+
+    def _make_stream(self, free_ids: Optional[list[Any]]) -> SlotStream:
+        return _BatchStream(self.catalog, self.cfg, self.rank, self.world_size, self._pos, free_ids)
+
+    def _accept(self, msg: dict[str, Any]) -> None:
+        epoch, base, step = self._pos
+        if (msg["epoch"], msg["step"]) != (epoch, step):  # the round-robin contract is broken: never guess
+            raise DataError(f"internal: got batch (epoch {msg['epoch']}, step {msg['step']}), expected ({epoch}, {step})")
+        self._pos = self._plans.settle(epoch, base, step + 1)
+
     # -- state -------------------------------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int:
@@ -274,11 +332,7 @@ class Loader:
         return self._plans.get(self._pos[0] + 1, None).steps
 
     def stats(self) -> dict[str, int | float]:
-        read = self._counts["read"]
-        skipped = {f"data/skipped/{r}": self._counts[f"skipped/{r}"] for r in REASONS}
-        return {"data/samples": self._counts["samples"], "data/batches": self._counts["batches"], "data/epoch": self._pos[0],
-                "data/read": read, "data/repeated": self._counts["repeated"], **skipped,
-                "data/skipped_fraction": sum(skipped.values()) / read if read else 0.0}
+        return {**self._skip_stats(), "data/epoch": self._pos[0]}
 
     def state_dict(self) -> dict[str, Any]:
         epoch, base, step = self._pos
@@ -313,7 +367,12 @@ class Loader:
         self.close()
 
 
-def build_loader(cfg: DataConfig, rank: int, world_size: int) -> Loader:
+def build_loader(cfg: DataConfig, rank: int, world_size: int) -> LoaderBase:
     """Validate `cfg`, index the shards, and return this rank's loader (workers start on first batch)."""
-    cfg.validate()
+    cfg.validate(world_size)
+    if cfg.layout == "plain":
+        from data.stream_loader import StreamLoader
+        from data.thirdparty import build_stream_catalog
+
+        return StreamLoader(cfg, rank, world_size, build_stream_catalog(cfg))
     return Loader(cfg, rank, world_size, build_catalog(cfg))

@@ -18,7 +18,7 @@ import json
 import mmap
 import os
 import tarfile
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -76,11 +76,13 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 class WdsShard:
-    """A webdataset tar indexed by its headers; `expected` is the manifest's sample count."""
+    """A webdataset tar indexed by its headers; `expected` is the manifest's (or a stats file's)
+    sample count, None when nothing counted it; `ext_field` maps member extensions to fields."""
 
-    def __init__(self, path: str, expected: int):
+    def __init__(self, path: str, expected: Optional[int], ext_field: Optional[dict[str, str]] = None):
         self.path = path
         self.expected = expected
+        ext_field = WDS_FIELD if ext_field is None else ext_field
         self.file = _MappedFile(path)
         size = self.file.size
         self.keys: list[str] = []
@@ -105,16 +107,17 @@ class WdsShard:
                     if not self.keys or self.keys[-1] != key:
                         self.keys.append(key)
                         self.members.append({})
-                    if ext in WDS_FIELD:
-                        self.members[-1][WDS_FIELD[ext]] = (m.offset_data, m.size)
+                    field = ext_field.get(ext) or ext_field.get(ext.lower())
+                    if field is not None and field not in self.members[-1]:  # first of the alternatives present wins
+                        self.members[-1][field] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError) as e:
             self.file.close()
             raise ShardError(f"cannot index {path} as a tar file: {type(e).__name__}: {e}") from e
 
     def read(self, index: int, fields: frozenset[str]) -> dict[str, Any]:
         if index >= len(self.keys):
-            raise SampleError("truncated", f"the tar ends after {len(self.keys)} complete samples, its manifest counts "
-                                           f"{self.expected}: the file is truncated")
+            counted = "" if self.expected is None else f", its manifest counts {self.expected}"
+            raise SampleError("truncated", f"the tar ends after {len(self.keys)} complete samples{counted}: the file is truncated")
         members = self.members[index]
         wanted = [(f, members[f]) for f in fields if f in members]
         out: dict[str, Any] = {"key": self.keys[index]}
@@ -149,10 +152,17 @@ def _parse_wds(field: str, data: memoryview) -> Any:
 
 
 class MdsShard:
-    """An MDS shard: [n: u32][offsets: u32 × (n+1)][samples], columns as its index.json entry says."""
+    """An MDS shard: [n: u32][offsets: u32 × (n+1)][samples], columns as its index.json entry says.
 
-    def __init__(self, path: str, entry: dict[str, Any]):
+    `rename` maps column names to DiTill fields (third-party sets); `decode` decodes one column.
+    A shard without a `key` column keys its samples `<shard file>:<index>`.
+    """
+
+    def __init__(self, path: str, entry: dict[str, Any], rename: Optional[dict[str, str]] = None,
+                 decode: Callable[[str, memoryview], Any] = mds_decode_column):
         self.path = path
+        self.rename = rename or {}
+        self.decode = decode
         self.names: list[str] = entry["column_names"]
         self.encodings: list[str] = entry["column_encodings"]
         self.sizes: list[int | None] = entry["column_sizes"]
@@ -182,13 +192,15 @@ class MdsShard:
                 sizes.append(size)
             out: dict[str, Any] = {}
             for name, enc, size in zip(self.names, self.encodings, sizes):
-                if name == "key" or name in fields:
-                    out[name] = mds_decode_column(enc, data[pos:pos + size])
+                field = self.rename.get(name, name)
+                if (field == "key" or field in fields) and field not in out:
+                    out[field] = self.decode(enc, data[pos:pos + size])
                 pos += size
         except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
             raise SampleError("decode_error", f"MDS sample {index} cannot be parsed: {type(e).__name__}: {e}") from e
         if pos != len(data):
             raise SampleError("decode_error", f"MDS sample {index}: columns span {pos} bytes of {len(data)}")
+        out.setdefault("key", f"{os.path.basename(self.path)}:{index}")
         return out
 
     def close(self) -> None:

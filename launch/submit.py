@@ -107,13 +107,11 @@ class TrainJob:
         return {"step": result.step, "metrics": result.metrics}
 
     def _train(self, flag):
-        from trainer.build import load_teacher
         from trainer.config import load_config
         from trainer.loop import train
 
         cfg = load_config(self.config, self.overrides)
-        teacher, teacher_id = load_teacher(cfg)
-        return train(cfg, teacher, teacher_id, preempt=flag)
+        return train(cfg, preempt=flag)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on rank 0 when the job is preempted or times out: the resubmission."""

@@ -1,8 +1,10 @@
 """`python -m launch.train CONFIG.yaml [key.sub=value ...]`
 
 The same command runs as one process, under `torchrun --nproc_per_node N`, under SLURM's `srun`
-and under `deepspeed --module launch.train`: rank and world come from the environment. The config
-(and the teacher/student pairing) is validated before any process group starts.
+and under `deepspeed --module launch.train`: rank and world come from the environment. The order:
+the config (and the teacher/student pairing, read from the teacher file's header) is validated
+before any process group starts; then the process group; then each rank builds its models and reads
+only its own share of the teacher's weights.
 """
 from __future__ import annotations
 
@@ -26,18 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     path, overrides = parse(argv)
     try:
         cfg = load_config(path, overrides)
-        from trainer.build import load_teacher
-
-        teacher, teacher_id = load_teacher(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from models.weights_io import CheckpointError as WeightsError
     from trainer.checkpoint import CheckpointError
     from trainer.loop import NonFiniteError, train
 
     try:
-        return train(cfg, teacher, teacher_id).exit_code
-    except (CheckpointError, NonFiniteError) as e:
+        return train(cfg).exit_code
+    except (CheckpointError, WeightsError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

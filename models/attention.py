@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
+from models.kernels.depthwise_conv import depthwise_conv2d
 from models.kernels.dispatch import get_ops
 
 
@@ -123,56 +123,6 @@ class LinearAttention(_MultiHeadProjections):
             c = depthwise_conv2d(v_img, self.dwc.weight.repeat(h, 1, 1, 1), bias)
             o = c.permute(0, 2, 3, 1).reshape(b, n, h, d).to(o.dtype) + o
         return self._out(o, head_mask, heads)
-
-
-class _DepthwiseConv2dCPU(torch.autograd.Function):
-    """Depthwise k×k conv (stride 1, 'same' padding) in channels-last, with a fast weight gradient.
-
-    On the CPU, oneDNN's depthwise weight gradient is several times slower than its forward (it
-    dominated LiT's backward at 4k-16k tokens). The same gradient is a grouped correlation of the
-    padded input with the output gradient as the kernel, which oneDNN runs fast in NCHW; the input
-    gradient is the forward conv with the flipped kernel. First-order only (no double backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        x = x.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        b, c, hh, ww = x.shape
-        k = weight.shape[-1]
-        p = k // 2
-        dx = dw = db = None
-        # In the inputs' own dtype with autocast off: under bf16 autocast the forward ran in bf16,
-        # but the gradients must match x and weight (and are better in their precision anyway).
-        with torch.autocast(device_type="cpu", enabled=False):
-            grad = grad.to(x.dtype)
-            if need_x:
-                g = grad.contiguous(memory_format=torch.channels_last)
-                dx = F.conv2d(g, weight.to(x.dtype).flip(-1, -2), None, padding=k - 1 - p, groups=c)
-            if need_w:
-                xp = x.new_zeros(1, b * c, hh + 2 * p, ww + 2 * p)  # padded NCHW x in one copy
-                xp[..., p : p + hh, p : p + ww].view(b, c, hh, ww).copy_(x)
-                kern = grad.contiguous().reshape(b * c, 1, hh, ww)
-                dw = F.conv2d(xp, kern, groups=b * c).reshape(b, c, k, k).sum(0).unsqueeze(1)
-            if ctx.has_bias and need_b:
-                db = grad.sum(dim=(0, 2, 3))
-        return dx, dw, db
-
-
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.conv2d(x, weight, bias, padding=k//2, groups=C)`; on the CPU, in channels-last (oneDNN's fast
-    depthwise layout) and, with grad, with the fast weight gradient above."""
-    if x.device.type != "cpu":
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-    return _DepthwiseConv2dCPU.apply(x, weight, bias)  # without autograd, only its forward runs
 
 
 def build_attention(kind: str, dim: int, num_heads: int, dwc_kernel: int, eps: float, kernels: str) -> nn.Module:

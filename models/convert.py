@@ -4,6 +4,12 @@ Why one entry point: the trainer, the samplers and `launch.convert` should not c
 came from. A file is read by `models.weights_io` (safely: nothing but tensors is unpickled), its
 family is named by our metadata or recognised by each family's converter, and the family maps it
 onto its own names and config with a strict key/shape check.
+
+Whole or lazy: `read_checkpoint(path)` gives full tensors (`load_pretrained`, `launch.convert`);
+`read_checkpoint(path, lazy=True)` gives the same names and config with lazy tensors (`models.lazy`)
+that read rows from the file on demand, which is how the trainer places a teacher (each rank reads
+only its shard) and how `read_config` infers a config without reading weights. A family's converter
+serves both when it expresses its tensor surgery with the `models.lazy` helpers.
 """
 from __future__ import annotations
 
@@ -15,13 +21,15 @@ from typing import Any, Mapping
 import torch
 
 from models.family import Checkpoint, ModelFamily, families, family_of, get_family
+from models.lazy import LazyOpError
 from models.weights_io import (
-    CONFIG_METADATA_KEY, FAMILY_METADATA_KEY, CheckpointError, RawWeights, few, read_any, weights_digest,
+    CONFIG_METADATA_KEY, FAMILY_METADATA_KEY, CheckpointError, RawWeights, few, file_digest, read_any,
+    read_safetensors_metadata, weights_digest,
 )
 
 __all__ = [
-    "CONFIG_METADATA_KEY", "Checkpoint", "CheckpointError", "describe", "load_pretrained", "load_state_dict_any",
-    "read_checkpoint", "read_config", "save_safetensors", "weights_digest",
+    "CONFIG_METADATA_KEY", "Checkpoint", "CheckpointError", "describe", "file_digest", "load_pretrained",
+    "load_state_dict_any", "read_checkpoint", "read_config", "save_safetensors", "weights_digest",
 ]
 
 
@@ -30,7 +38,9 @@ def load_pretrained(path: str | os.PathLike, *, prefer: str = "ema", **overrides
 
     `prefer` picks "ema" or "model" in a training checkpoint that holds both. `overrides` are config
     fields for what a file cannot tell (e.g. `num_heads=` for an official DiT `.pt` of a non-registry
-    width) or runtime settings (`kernels="reference"`). Tensors keep the file's dtype.
+    width) or runtime settings (`kernels="reference"`). The model is returned in fp32 (samplers and
+    evaluation expect it); the trainer places teachers through `read_checkpoint(lazy=True)` instead,
+    keeping the stored dtype.
     """
     from models.lora.files import adapters_in, load_adapted
 
@@ -69,42 +79,42 @@ def detect_family(raw: RawWeights) -> ModelFamily:
                           f"keys: {few(sorted(raw.state_dict))})")
 
 
-def read_checkpoint(path: str | os.PathLike, *, prefer: str = "ema", **overrides: Any) -> Checkpoint:
-    """Read any supported format of any family, map it to our names, infer the config, check keys."""
+def read_checkpoint(path: str | os.PathLike, *, prefer: str = "ema", lazy: bool = False, **overrides: Any) -> Checkpoint:
+    """Read any supported format of any family, map it to our names, infer the config, check keys.
+
+    `lazy=True`: the state dict's values are lazy tensors (`models.lazy`; small computed ones may be
+    plain tensors) and no weight is read beyond what the converter must compare."""
     from models.lora.files import adapters_in
 
     if adapters_in(path) is not None:
         raise CheckpointError(f"{path} holds LoRA/TD-LoRA adapters beside its base weights: load it with "
                               "models.load_pretrained, or export the run with --merge-lora for plain weights "
                               "(plain LoRA only: TD-LoRA's update depends on the timestep)")
-    raw = read_any(path, prefer)
+    raw = read_any(path, prefer, lazy=lazy)
     family = detect_family(raw)
     known = set(getattr(family.config_cls, "__dataclass_fields__", {}))
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config override(s) {unknown} for the {family.name} family; allowed: {sorted(known)}")
-    return family.from_raw(raw, overrides)
+    try:
+        return family.from_raw(raw, overrides)
+    except LazyOpError as e:
+        raise CheckpointError(f"{raw.source}: the {family.name} converter cannot read this file lazily: {e}") from e
 
 
 def read_config(path: str | os.PathLike, *, prefer: str = "ema", **overrides: Any) -> Any:
-    """The model config of a weights file, cheaply where the file says it (our safetensors: the header's
-    metadata, no tensor read); otherwise the file is read and its config inferred."""
+    """The model config of a weights file, cheaply: our safetensors say it in the header's metadata;
+    other formats are read lazily (headers, pickles memory-mapped) and the config inferred from shapes."""
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{p}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+        meta = read_safetensors_metadata(p)
         if CONFIG_METADATA_KEY in meta:
             family = get_family(meta.get(FAMILY_METADATA_KEY, "dit"))
             try:
                 return family.config_from_dict({**json.loads(meta[CONFIG_METADATA_KEY]), **overrides})
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 raise CheckpointError(f"{p}: config in the metadata is invalid: {e}") from e
-    return read_checkpoint(path, prefer=prefer, **overrides).config
+    return read_checkpoint(path, prefer=prefer, lazy=True, **overrides).config
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], cfg: Any, path: str | os.PathLike,

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from models.lazy import cat_rows, materialise
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ def _rename(key: str, table: Mapping[str, str]) -> str | None:
     return None
 
 
-def _check_shared_embedders(per_block: dict[int, dict[str, torch.Tensor]], source: str) -> None:
-    """Every block's copy of `norm1.emb` must equal block 0's, bit for bit."""
+def _check_shared_embedders(per_block: dict[int, dict[str, Any]], source: str) -> None:
+    """Every block's copy of `norm1.emb` must equal block 0's, bit for bit (read whole, one copy at a
+    time: the embedders are small next to the blocks)."""
     ref = per_block.get(0)
     if ref is None:
         raise ValueError(f"{source}: no transformer_blocks.0.norm1.emb.* keys; not a class-conditional DiT")
@@ -80,9 +82,10 @@ def _check_shared_embedders(per_block: dict[int, dict[str, torch.Tensor]], sourc
         if set(emb) != set(ref):
             bad.append(f"block {i}: keys {sorted(set(emb) ^ set(ref))} differ from block 0")
             continue
-        for name, t in emb.items():
-            if t.shape != ref[name].shape or not torch.equal(t, ref[name]):
-                diff = (t.float() - ref[name].float()).abs().max().item() if t.shape == ref[name].shape else "shape"
+        for name, lazy_t in emb.items():
+            t, r = materialise(lazy_t), materialise(ref[name])
+            if t.shape != r.shape or not torch.equal(t, r):
+                diff = (t.float() - r.float()).abs().max().item() if t.shape == r.shape else "shape"
                 bad.append(f"block {i}: norm1.emb.{name} (max |diff| {diff})")
     if bad:
         shown = "\n  ".join(bad[:5]) + (f"\n  … and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -94,12 +97,15 @@ def _check_shared_embedders(per_block: dict[int, dict[str, torch.Tensor]], sourc
         )
 
 
-def diffusers_to_ours(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def diffusers_to_ours(sd: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Rename and regroup diffusers keys into ours. Keys with no counterpart are kept as they are,
-    so the strict load that follows reports them as unexpected (e.g. affine norm weights)."""
-    out: dict[str, torch.Tensor] = {}
-    emb: dict[int, dict[str, torch.Tensor]] = {}
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    so the strict load that follows reports them as unexpected (e.g. affine norm weights).
+
+    Only renames and dim-0 concatenations: given lazy tensors (`models.lazy`) the result is lazy too
+    (`qkv` a concatenation of the file's q, k and v rows), so a rank reads only its rows."""
+    out: dict[str, Any] = {}
+    emb: dict[int, dict[str, Any]] = {}
+    qkv: dict[tuple[int, str], dict[str, Any]] = {}
     for key, t in sd.items():
         m = _BLOCK.match(key)
         if m is None:
@@ -122,7 +128,7 @@ def diffusers_to_ours(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, 
         if set(parts) != {"q", "k", "v"}:
             missing = sorted({"q", "k", "v"} - set(parts))
             raise ValueError(f"{source}: block {i} has no attn1.to_{missing[0]}.{kind}; cannot build attn.qkv")
-        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[f"blocks.{i}.attn.qkv.{kind}"] = cat_rows([parts["q"], parts["k"], parts["v"]])
     return out
 
 

@@ -4,6 +4,8 @@ Official `.pt` (DiT's `train.py` checkpoints or plain state dicts), diffusers `D
 (renamed by `models/convert_diffusers.py`), and our safetensors (config in the metadata). Without
 metadata the config is inferred from tensor shapes, with a diffusers `config.json` or explicit
 overrides winning where given; the result is checked key by key against a meta-device model.
+Only names and shapes are used (and `models.lazy` helpers for tensor surgery), so a lazily read file
+(`read_checkpoint(lazy=True)`) converts without reading its weights.
 """
 from __future__ import annotations
 

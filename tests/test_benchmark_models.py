@@ -1,6 +1,10 @@
 """`python -m launch.benchmark models`: the quick mode runs end to end and reports every number.
 
-Behaviour only: wall-clock times are never asserted (they belong to the machine, not the code).
+Wall-clock times are never asserted (they belong to the machine, not the code). Instead the suite
+runs on a FLOPs clock (tests/bench_clocks.py: its `time.perf_counter` reads FlopCounterMode's running
+count), under which a benchmark that times the right callables reports exactly the ratios of their
+FLOPs: the attention rows must equal each layer's own forward+backward count, and the dynamic
+model's realised speed-up must equal its ideal (FLOPs) speed-up.
 """
 import json
 
@@ -9,12 +13,46 @@ import torch
 
 from launch import benchmark
 from launch.benchmarks import models as bench
+from tests.bench_clocks import FlopCounterMode, flop_count, install
 from tests.helpers import tiny_inputs
 
 
 @pytest.fixture(scope="module")
 def quick_result():
-    return bench.run(quick=True)
+    with pytest.MonkeyPatch.context() as mp:
+        clock = FlopCounterMode(display=False)
+        install(mp, bench, clock)
+        with clock:
+            return bench.run(quick=True)
+
+
+def test_attention_rows_time_each_layer_forward_and_backward(quick_result):
+    """On the FLOPs clock each median is 1000 × the FLOPs of one forward+backward of that layer, counted
+    here on layers built afresh; so the three speed-ups are one ratio, softmax over LiT."""
+    for r, case in zip(quick_result["attention"], bench.QUICK_ATTN):
+        side = int(case.tokens**0.5)
+        x = torch.randn(case.batch, case.tokens, bench.WIDTH, requires_grad=True)
+        work = {}
+        for name, kind, heads, dwc in (("softmax", "softmax", bench.SOFTMAX_HEADS, 0), ("lit", "linear", bench.LIT_HEADS, bench.DWC)):
+            layer = bench.build_attention(kind, bench.WIDTH, heads, dwc, 1e-6, "auto")
+            work[name] = flop_count(lambda: layer(x, (side, side)).sum().backward())
+        assert r["softmax_ms"] == 1e3 * work["softmax"] and r["lit_ms"] == 1e3 * work["lit"], r
+        assert r["speedup"] == r["speedup_paired"] == r["speedup_best"] == pytest.approx(work["softmax"] / work["lit"])
+
+
+def test_dynamic_speedup_is_the_flops_saved(quick_result):
+    """The static median is the static model's forward FLOPs; the sliced one makes the realised speed-up
+    the ideal one (the analytic whole-model FLOPs ratio) to within what FlopCounterMode does not count
+    (SDPA on the CPU: 4·N²·D per layer against ~12·N·D² of projections and MLP, 3e-4 at 16 tokens)."""
+    d = quick_result["dynamic"]
+    static = bench.build_model("dit-s/2", **bench.QUICK_DYN.overrides).eval()
+    x, _, y = tiny_inputs(batch=bench.QUICK_DYN.batch, channels=static.in_channels, size=static.config.input_size)
+    with torch.inference_mode():
+        static_flops = flop_count(lambda: static(x, torch.full((x.shape[0],), 500.0), y))
+    assert d["static_ms"] == 1e3 * static_flops
+    assert d["speedup"] == d["speedup_paired"] == d["speedup_best"]
+    assert d["efficiency"] == pytest.approx(1.0, abs=2e-3)
+    assert d["static_ms"] < d["masked_ms"]  # the masked path computes every unit, and the routers
 
 
 def test_quick_json_has_every_field(quick_result):

@@ -14,12 +14,9 @@ from trainer.config import load_config
 
 
 def _train(cfg_path, *overrides):
-    from trainer.build import load_teacher
     from trainer.loop import train
 
-    cfg = load_config(cfg_path, list(overrides), world_size=1)
-    teacher, teacher_id = load_teacher(cfg)
-    return train(cfg, teacher, teacher_id)
+    return train(load_config(cfg_path, list(overrides), world_size=1))
 
 
 def test_nan_batches_skip_the_update_are_counted_and_k_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, monkeypatch):

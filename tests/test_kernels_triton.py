@@ -228,32 +228,58 @@ def test_gather_tokens_matches_reference(dtype):
 
 # ---- benchmark --------------------------------------------------------------------------------
 
-def test_benchmark_cpu_run_prints_reference_table(capsys):
+def test_benchmark_cpu_run_prints_reference_table(monkeypatch, capsys):
+    """Without CUDA: reference and SDPA rows only, each timing its own impl (operator-count clock, see below)."""
     from launch.benchmarks import kernels as bench
+    from tests.bench_clocks import OpCountMode, install, op_count
 
-    assert bench.main(["--json", "--res", "64"]) == 0
+    clock = OpCountMode()
+    install(monkeypatch, bench, clock)
+    with clock:
+        assert bench.main(["--json", "--res", "64"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {r["impl"] for r in report["rows"]} == {"reference", "sdpa"}
-    assert all(r["ms"] > 0 for r in report["rows"]) and report["bars"]["measured"] is False
+    assert {r["impl"] for r in report["rows"]} == {"reference", "sdpa"} and report["bars"]["measured"] is False
+    work = {}
+    for op, _, inputs, impls in bench.cases(bench.CPU_RES_BATCH[64], bench.tokens(64), torch.device("cpu"), torch.float32, None):
+        for impl, fn in impls.items():
+            work[op, impl] = op_count(bench.fwd_bwd(fn, inputs, torch.randn_like(fn(*inputs).detach())))
+    assert {(r["op"], r["impl"]): r["ms"] for r in report["rows"]} == {k: 1e3 * v for k, v in work.items()}
 
 
 def test_benchmark_triton_rows_ratios_and_bars(monkeypatch, capsys):
     """The GPU-only code paths, run on the interpreter at toy sizes: Triton rows with their error
-    checks, the ratios, and the bars (on made-up 2048² rows)."""
-    from launch.benchmarks import kernels as bench
+    checks, the ratios, and the bars (on made-up 2048² rows).
 
-    monkeypatch.setattr(bench, "time_ms", lambda fn, device: 1.0)
+    `time_ms` runs as it is, on an operator-count clock (tests/bench_clocks.py: `perf_counter` reads
+    how many operators reached the dispatcher, a fused custom op counting once): each row's median
+    must be 1000 × the operators of one forward+backward of that very impl, counted here on the
+    same cases built afresh, so a row that timed another impl, or a ratio of the wrong rows, shows."""
+    from launch.benchmarks import kernels as bench
+    from tests.bench_clocks import OpCountMode, install, op_count
+
     tri = {"linear_attention": la, "adaln": adaln, "token_routing": token_routing}
     heads = (("linear_attention LiT-S", 2, 24),)
-    rows = bench.measure({64: 1}, torch.device("cpu"), torch.float32, tri, heads=heads, width=40)
+    clock = OpCountMode()
+    install(monkeypatch, bench, clock)
+    with clock:
+        rows = bench.measure({64: 1}, torch.device("cpu"), torch.float32, tri, heads=heads, width=40)
     assert not [r.note for r in rows if r.note], "a case failed"
     assert not bench.mismatches(rows, torch.float32)
     tri_rows = [r for r in rows if r.impl == "triton"]
     assert len(tri_rows) == 5 and all(r.err is not None and r.err < 1e-5 for r in tri_rows)
+    work = {}
+    for op, _, inputs, impls in bench.cases(1, bench.tokens(64), torch.device("cpu"), torch.float32, tri, heads=heads, width=40):
+        for impl, fn in impls.items():
+            grad = torch.randn_like(fn(*inputs).detach())
+            work[op, impl] = op_count(bench.fwd_bwd(fn, inputs, grad))
+    assert {(r.op, r.impl): r.ms for r in rows} == {k: 1e3 * v for k, v in work.items()}
     ratio_rows = bench.ratios(rows)
     assert {q["op"] for q in ratio_rows} == {r.op for r in tri_rows}
+    for q in ratio_rows:
+        assert q["speedup_vs_reference"] == work[q["op"], "reference"] / work[q["op"], "triton"], q
     la_ratio = next(q for q in ratio_rows if q["op"] == "linear_attention LiT-S")
-    assert la_ratio["speedup_vs_reference"] == 1.0 and la_ratio["speedup_vs_sdpa"] == 1.0
+    assert la_ratio["speedup_vs_reference"] > 1  # one fused op each way against the reference's many
+    assert la_ratio["speedup_vs_sdpa"] == work["softmax SDPA DiT-S", "sdpa"] / work["linear_attention LiT-S", "triton"]
 
     def row(op, impl, ms, mib):
         return bench.Row(op, impl, 2048, 16384, 2, "", "bfloat16", ms=ms, peak_mib=mib)
@@ -296,8 +322,8 @@ def test_dispatch_triton_mode_returns_triton_ops_with_reference_signatures():
         assert [p.default for p in ours.parameters.values()] == [p.default for p in ref.parameters.values()], field
 
 
-def test_ops_are_graph_breaks_under_torch_compile():
-    """torch.compile around the Triton ops (trainer.compile with kernels: triton) runs them eagerly."""
+def test_ops_trace_into_one_graph_under_torch_compile():
+    """torch.compile around the Triton ops (trainer.compile with kernels: triton): no graph break."""
     ops = dispatch.get_ops("triton", "cpu")
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 16, torch.float32))
     x, (shift, scale, *_) = _adaln_inputs(2, 5, 16, torch.float32)
@@ -305,11 +331,62 @@ def test_ops_are_graph_breaks_under_torch_compile():
     def f(q, k, v, x, shift, scale):
         return ops.linear_attention(q, k, v).square().sum() + ops.modulate_layernorm(x, shift, scale).square().sum()
 
-    got = torch.compile(f, backend="eager")(q, k, v, x, shift, scale)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, x, shift, scale)
     want = f(q, k, v, x, shift, scale)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
         torch.testing.assert_close(a, b)
+
+
+def _op_cases():
+    """Every custom op with inputs as the model passes them (strided params, a gate, repeated rows)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 11, 24, torch.float32, nk=13, e=16))
+    x, (shift, scale, gate, *_) = _adaln_inputs(2, 11, 24, torch.float32)
+    x.requires_grad_()
+    y = torch.randn(2, 11, 24, requires_grad=True)
+    index = torch.tensor([0, 3, 4, 4, 12, 21])
+    rows = torch.randn(6, 24, requires_grad=True)
+    la_out = torch.ops.ditill.linear_attention_fwd(q, k, v, 1e-6)
+    ln_out = torch.ops.ditill.modulate_layernorm_fwd(x, shift, scale, 1e-6, torch.float32)
+    dout = torch.randn(2, 11, 24)
+    return [
+        ("linear_attention_fwd", (q, k, v, 1e-6)),
+        ("linear_attention_bwd", (*(t.detach() for t in (q, k, v, *la_out)), torch.randn(1, 2, 11, 16))),
+        ("modulate_layernorm_fwd", (x, shift.requires_grad_(), scale.requires_grad_(), 1e-6, torch.float32)),
+        ("modulate_layernorm_bwd", (x.detach(), scale.detach(), dout, *(t.detach() for t in ln_out[1:]))),
+        ("gated_residual_fwd", (x, gate.requires_grad_(), y, torch.float32)),
+        ("gated_residual_bwd", (dout, gate.detach(), y.detach())),
+        ("gather_tokens", (x, index)),
+        ("gather_tokens_bwd", (rows.detach(), index, 2, 11)),
+        ("scatter_add_tokens", (x, index, rows, gate)),
+        ("scatter_add_tokens", (x, index, rows, None)),
+        ("scatter_add_tokens_bwd", (dout, index, rows.detach(), gate.detach())),
+    ]
+
+
+def test_custom_ops_fake_and_autograd_registrations_agree_with_the_kernels():
+    """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and strides,
+    autograd is registered (the backward ops are first order: called without grad), and each op traces
+    through AOT autograd with dynamic shapes."""
+    for name, args in _op_cases():
+        torch.library.opcheck(getattr(torch.ops.ditill, name).default, args)
+
+
+def test_flop_counter_counts_the_linear_attention_ops_as_the_reference_matmuls():
+    """FlopCounterMode cannot see into a custom op: the registered formulas give what it counts for the
+    reference (its matmuls), forward and backward, so FLOPs measured with kernels: triton stay right."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 9, 16, torch.float32, nk=11, e=8))
+    counts = []
+    for op in (la.linear_attention, reference.linear_attention):
+        with FlopCounterMode(display=False) as counter:
+            with torch.no_grad():
+                op(q, k, v)
+            forward = counter.get_total_flops()
+            op(q, k, v).sum().backward()
+        counts.append((forward, counter.get_total_flops() - forward))
+    assert counts[0] == counts[1] and counts[1][0] == 2 * 2 * 2 * 16 * 8 * (9 + 11)
 
 
 def test_dispatched_ops_agree():

@@ -43,8 +43,10 @@ def test_registry_sizes(name, depth, hidden, heads):
 
 
 def test_registry_lists_every_family_size_patch_and_rejects_bad_names():
-    names = model_names()
-    assert len(names) == 4 * 4 * 3 and "dylit-xl/8" in names
+    from models.family import get_family
+
+    names = get_family("dit").names()
+    assert len(names) == 4 * 4 * 3 and "dylit-xl/8" in names and set(names) <= set(model_names())
     with pytest.raises(ValueError, match="unknown model"):
         model_config("dit-m/2")
     with pytest.raises(ValueError, match="hidden_sz"):

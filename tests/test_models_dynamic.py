@@ -2,6 +2,7 @@
 dynamic student with every unit on is exactly its static teacher."""
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.dynamic import UnitSelection, gumbel_sigmoid_ste
 from models.flops import block_cost, realised_ratio
@@ -24,23 +25,49 @@ def _route_partially(model, seed=1):
     return model
 
 
+def _block_flops(model, x, t, y) -> tuple[dict[str, int], dict]:
+    """FLOPs FlopCounterMode counts in each block's attention and MLP modules, and the forward's aux."""
+    with FlopCounterMode(display=False) as counter:
+        _, aux = model(x, t, y, return_aux=True)
+    counts = counter.get_flop_counts()
+    names = [f"{type(model).__name__}.blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp")]
+    return {n: sum(counts.get(n, {}).values()) for n in names}, aux
+
+
 @pytest.mark.parametrize("name", ["dydit-s/2", "dylit-s/2"])
 @pytest.mark.parametrize("shared_t", [True, False])
-def test_eval_masked_and_sliced_paths_agree(name, shared_t):
+def test_eval_masked_and_sliced_paths_agree_and_sliced_computes_only_the_active_units(name, shared_t):
+    """Same output, and the sliced path's multiply-adds (FlopCounterMode: matmuls and convolutions, so
+    LiT's attention counts whole but SDPA on the CPU not at all) are the masked path's scaled per block:
+    attention by the heads any sample uses, the MLP by the routed tokens × the groups any sample uses."""
     torch.manual_seed(0)
     m = _route_partially(randomize_(tiny(name, depth=3), seed=3)).eval()
+    with torch.no_grad():
+        m.blocks[0].attn_rate.router.bias.fill_(-10.0)  # block 0 runs head 0 alone and block 1 channel group 0
+        m.blocks[1].mlp_rate.router.bias.fill_(-10.0)  # alone, for every t: heads and groups are sliced too
     x, t, y = tiny_inputs(batch=4)
     if shared_t:
         t = torch.full_like(t, 421.0)  # a sampling step: one t for the whole batch
     m.dynamic_exec = "masked"
     out_masked, aux_m = m(x, t, y, return_aux=True)
+    flops_masked, _ = _block_flops(m, x, t, y)
     m.dynamic_exec = "sliced"
     out_sliced, aux_s = m(x, t, y, return_aux=True)
+    flops_sliced, _ = _block_flops(m, x, t, y)
     ratio = aux_s["flops_ratio"]
     assert (ratio < 0.95).all() and (ratio > 0.2).all(), ratio  # the routers really skip work
     for k in ("head_masks", "channel_masks", "token_masks"):
         assert torch.equal(aux_m[k], aux_s[k])
     torch.testing.assert_close(out_sliced, out_masked, rtol=1e-5, atol=1e-5)
+    heads = aux_s["head_masks"].any(0).double().mean(-1)  # (depth,) heads computed / all
+    groups = aux_s["channel_masks"].any(0).double().mean(-1)
+    tokens = aux_s["token_masks"].double().mean((0, 2))  # routed tokens / all
+    for i in range(len(m.blocks)):
+        attn, mlp = f"DiT.blocks.{i}.attn", f"DiT.blocks.{i}.mlp"
+        assert flops_masked[attn] > 0 and flops_masked[mlp] > 0
+        assert flops_sliced[attn] / flops_masked[attn] == pytest.approx(heads[i].item(), rel=1e-12), attn
+        assert flops_sliced[mlp] / flops_masked[mlp] == pytest.approx((tokens[i] * groups[i]).item(), rel=1e-12), mlp
+    assert heads[0] < 1 and (tokens < 1).any() and (groups < 1).any()  # each kind of saving was exercised
 
 
 @pytest.mark.parametrize("name", ["dydit-s/2"])
@@ -75,16 +102,34 @@ def test_complete_mode_runs_every_unit():
     assert torch.equal(m(x, t, y, complete=True), ref.eval()(x, t, y))
 
 
-def test_gumbel_sigmoid_is_hard_forward_soft_backward():
+def test_gumbel_sigmoid_eval_is_the_deterministic_threshold_with_sigmoid_gradient():
     logits = torch.tensor([-3.0, 0.2, 4.0], requires_grad=True)
     out = gumbel_sigmoid_ste(logits, tau=5.0, training=False)
     assert out.tolist() == [0.0, 1.0, 1.0]
     out.sum().backward()
     s = torch.sigmoid(logits.detach())
     torch.testing.assert_close(logits.grad, s * (1 - s))
-    torch.manual_seed(0)  # training: logistic noise flips marginal decisions in both directions
-    draws = torch.stack([gumbel_sigmoid_ste(torch.zeros(1000), 5.0, True) for _ in range(5)])
-    assert 0.4 < draws.mean() < 0.6
+
+
+def test_gumbel_sigmoid_in_training_is_the_noisy_hard_decision_with_the_tempered_gradient():
+    """At the routers' temperature τ = 5 with logistic noise g = g1 − g2 (two Gumbel draws): the forward
+    value is exactly 1[σ((l+g)/τ) > 0.5] and the gradient is σ'((l+g)/τ)/τ, for the same noise."""
+    tau = 5.0
+    logits = torch.linspace(-4.0, 4.0, 4001, dtype=torch.float64).requires_grad_()
+    torch.manual_seed(7)
+    out = gumbel_sigmoid_ste(logits, tau=tau, training=True)
+    torch.manual_seed(7)  # the same two draws, in the same order
+    g1 = -torch.empty_like(logits).exponential_().log()
+    g2 = -torch.empty_like(logits).exponential_().log()
+    soft = torch.sigmoid((logits.detach() + g1 - g2) / tau)
+    assert torch.equal(out.detach(), (soft > 0.5).double())
+    assert not torch.equal(out.detach(), (logits.detach() > 0).double())  # the noise flips decisions
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    torch.testing.assert_close(grad, soft * (1 - soft) / tau, rtol=1e-12, atol=0)
+    # the decision's marginal is σ(l), whatever τ (P(l + g > 0) for logistic g): 20k draws at l = 1
+    torch.manual_seed(0)
+    on = gumbel_sigmoid_ste(torch.ones(20000, dtype=torch.float64), tau=tau, training=True).mean().item()
+    assert abs(on - torch.sigmoid(torch.tensor(1.0)).item()) < 0.015  # 4.8 standard deviations
 
 
 def test_routers_start_all_on_and_unit_zero_is_always_on():
@@ -120,16 +165,27 @@ def test_unit_selection_union_and_per_sample_mask():
     assert same.mask is None and same.index.tolist() == [0, 2]
 
 
-def test_flops_loss_gradient_reaches_routers():
+@pytest.mark.parametrize("target,direction", [(0.2, "fall"), (1.0, "rise")])
+def test_flops_loss_gradient_pushes_every_router_toward_the_target(target, direction):
+    """Above the target the FLOPs loss's gradient makes every router logit fall (a descent step lowers
+    each bias), below it rise: every head, channel-group and token router's bias gradient has the sign
+    of (realised ratio − target), through the straight-through estimator in training mode."""
+    from models.losses import FlopsLoss
+
     m = tiny("dylit-s/2").train()
     with torch.no_grad():
-        for b in m.blocks:  # near the decision boundary so the STE gradient is not vanishing
+        for b in m.blocks:  # near the decision boundary, so both decisions occur under the noise
             b.attn_rate.router.bias.fill_(0.5)
             b.mlp_rate.router.bias.fill_(0.5)
             b.token_selection.mlp_head[2].bias.fill_(0.5)
     x, t, y = tiny_inputs()
+    torch.manual_seed(0)
     _, aux = m(x, t, y, return_aux=True)
-    aux["flops_ratio"].mean().backward()
-    for b in m.blocks:
+    loss = FlopsLoss(target, warmup_steps=0, hold_steps=0)(aux["flops_ratio"], step=0)
+    ratio = loss["flops_ratio"].item()
+    assert (ratio > target) if direction == "fall" else (ratio < target), ratio
+    loss["flops"].backward()
+    sign = 1.0 if direction == "fall" else -1.0
+    for i, b in enumerate(m.blocks):
         for p in (b.attn_rate.router.bias, b.mlp_rate.router.bias, b.token_selection.mlp_head[2].bias):
-            assert p.grad is not None and p.grad.abs().sum() > 0
+            assert (sign * p.grad > 0).all(), (i, p.grad)

@@ -27,6 +27,32 @@ def test_depthwise_conv_matches_conv2d_autograd(shape):
         torch.testing.assert_close(f, r)
 
 
+def test_depthwise_conv_custom_op_registration_and_autocast():
+    """opcheck: the fake output (channels-last, the compute dtype) matches the real one, autograd is
+    registered. Under bf16 autocast it computes what F.conv2d would (bf16), gradients in the inputs' dtypes;
+    FlopCounterMode counts it as F.conv2d."""
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    w = torch.randn(6, 1, 5, 5, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias in (b, None):
+            torch.library.opcheck(torch.ops.ditill.depthwise_conv2d_cpu.default, (x, w, bias, dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = depthwise_conv2d(x, w, b)
+        want = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, padding=2, groups=6)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    grads = torch.autograd.grad(got.float().sum(), (x, w, b))
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for conv in (depthwise_conv2d, lambda x, w, b: F.conv2d(x, w, b, padding=2, groups=6)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            conv(x, w, b)
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] == 2 * 2 * 6 * 5 * 7 * 25  # the op's registered formula: F.conv2d's count
+
+
 def _naive_lit(attn: LinearAttention, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """LiT with per-head DWC through nn.Conv2d autograd (the formulation the fast path replaces)."""
     b, n, dim = x.shape

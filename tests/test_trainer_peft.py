@@ -50,11 +50,11 @@ def _stored(ckpt) -> dict[str, list[str]]:
 
 
 def _trainable(cfg_path, run_dir) -> set[str]:
-    from trainer.build import build_student, load_teacher
+    from trainer.build import build_student, open_teacher
     from trainer.config import load_config
 
     cfg = load_config(cfg_path, [f"run_dir={run_dir}"], world_size=1)
-    student, _ = build_student(cfg, load_teacher(cfg)[0])
+    student, _ = build_student(cfg, open_teacher(cfg).checkpoint)
     return {n for n, p in student.named_parameters() if p.requires_grad}
 
 

@@ -1,5 +1,6 @@
 """End-to-end training jobs on the bundled digits: multi-rank equals single-process, resume
 continues the same trajectory, activation checkpointing changes nothing, distillation learns."""
+import io
 import math
 
 import pytest
@@ -60,24 +61,57 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path):
 
 
 def test_run_directory_tensorboard_and_metrics(tmp_path):
+    """TensorBoard holds the values, read back: every scalar equals metrics.jsonl's at its step, and the
+    ones known in advance are those values (routers start all on, so the realised ratio is 1 and the
+    FLOPs loss is 2·(1 − target)² on the annealed target; the LR follows its warm-up; loss is the sum of
+    its terms; throughput is the global batch over the step time); the images are the sample grid
+    written beside them and router maps with every unit on."""
+    import numpy as np
+    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from models.losses import flops_target
+    from trainer.config import OptimConfig
+    from trainer.optim import lr_factor
 
     cfg = write_config(tmp_path / "c.yaml", model="dydit-s/2", args={"num_heads": 4, "mlp_groups": 4},
                        train={"steps": 4, "log_every": 2}, sample={"every": 4, "num": 8, "steps": 4},
-                       checkpoint={"every": 2})
+                       checkpoint={"every": 2}, optim={"lr": 1e-3, "warmup_steps": 4},
+                       dynamic={"flops_target": 0.5, "hold_steps": 1, "warmup_steps": 4})
     run = tmp_path / "r"
     assert_ok(run_train(cfg, [f"run_dir={run}"]))
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "latest").read_text() == "step_00000004"
-    rec = metrics(run)
-    assert [m["step"] for m in rec] == [2, 4]
+    rec = {m["step"]: m for m in metrics(run)}
+    assert sorted(rec) == [2, 4] and all(math.isfinite(m["loss"]) for m in rec.values())
     ea = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
-    tags = set(ea.Tags()["scalars"])
+    tb = {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
     for tag in ("loss", "loss/mse", "loss/vb", "loss/flops", "flops/ratio", "flops/target", "lr", "grad_norm",
                 "throughput/samples_per_s", "time/data", "time/student", "time/optimizer", "memory/peak_gb"):
-        assert tag in tags, tag
+        assert tag in tb, tag
+    for step, m in rec.items():  # every finite number of the record, at its step, as float32
+        for key, value in m.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                assert tb[key][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (key, step)
+    optim = OptimConfig(lr=1e-3, warmup_steps=4)
+    for step, window in ((2, (0, 1)), (4, (2, 3))):  # a logged value is the mean over its window of steps
+        targets = [flops_target(s, 0.5, 4, 1, "continuous") for s in window]  # the config default
+        assert tb["flops/target"][step] == pytest.approx(sum(targets) / 2, rel=1e-6)
+        assert tb["flops/ratio"][step] == 1.0
+        assert tb["loss/flops"][step] == pytest.approx(sum(2 * (1 - x) ** 2 for x in targets) / 2, rel=1e-6)
+        assert tb["lr"][step] == pytest.approx(1e-3 * sum(lr_factor(s + 1, optim, 4) for s in window) / 2, rel=1e-6)
+        assert tb["loss"][step] == pytest.approx(tb["loss/mse"][step] + tb["loss/vb"][step] + tb["loss/flops"][step], rel=1e-5)
+        assert tb["throughput/samples_per_s"][step] * tb["time/step"][step] == pytest.approx(16, rel=1e-5)
     assert {"samples/ema", "routers/heads", "routers/channels"} <= set(ea.Tags()["images"])
-    assert all(math.isfinite(m["loss"]) for m in rec)
+    (grid,) = ea.Images("samples/ema")
+    shown = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB"), dtype=np.int16)
+    saved = np.asarray(Image.open(run / "samples" / "samples_ema_00000004.png").convert("RGB"), dtype=np.int16)
+    assert grid.step == 4 and shown.shape == saved.shape and np.abs(shown - saved).max() <= 1  # rounding only
+    assert shown.std() > 0  # a picture, not a blank
+    for tag, rows in (("routers/heads", 2 * 4), ("routers/channels", 2 * 4)):  # (layers · units) × timesteps
+        (img,) = ea.Images(tag)
+        pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("L"))
+        assert pixels.shape == (rows, 32) and (pixels == 255).all(), tag
 
 
 def test_distillation_from_a_teacher_file_lowers_the_kd_loss(tmp_path):

@@ -1,22 +1,27 @@
-"""Build what a run trains from its config: objective, teacher, student (with inherited weights).
+"""Build what a run trains from its config: objective, teacher source, student (and what it inherits).
 
-These run before the engine wraps anything; the teacher is loaded on the CPU and checked against
-the student before any process group exists.
+These run on every rank once the process group exists (the config, including the teacher/student
+pairing read from the teacher file's header, was validated before it). Nothing here reads the
+teacher's weights: `open_teacher` maps the file lazily and `build_student` only plans what the
+student inherits; the engine reads each rank's rows when it places the models.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from models import build_model, family_of, model_config
-from models.convert import weights_digest
+from models.convert import Checkpoint, read_checkpoint, weights_digest
 from models.diffusion import build_objective as _build_objective
-from models.inherit import InheritReport, default_exclude, inherit_weights
+from models.inherit import InheritPlan, default_exclude, plan_inheritance
+from models.weights_io import cached_digest
 from trainer.config import ConfigError, RunConfig
 
 
@@ -58,9 +63,17 @@ def teacher_identity(path: str, teacher_cfg: Any) -> dict[str, Any]:
     """Path, content hash and architecture of the teacher, stored in every checkpoint manifest.
 
     safetensors files are hashed by their tensors and metadata (`weights_digest`), not their bytes:
-    the same weights exported twice are the same teacher."""
+    the same weights exported twice are the same teacher. The hash is cached per teacher path and
+    recomputed only when a file's path, size, mtime or inode changed (`models.weights_io.cached_digest`,
+    under `$DITILL_CACHE_DIR`)."""
     p = Path(path).resolve()
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    arch = hashlib.sha256(json.dumps(teacher_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return {"path": str(p), "sha256": cached_digest(str(p), "teacher", files, lambda: _identity_hash(files)),
+            "config_hash": arch}
+
+
+def _identity_hash(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -70,25 +83,49 @@ def teacher_identity(path: str, teacher_cfg: Any) -> dict[str, Any]:
         with open(f, "rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)
-    arch = hashlib.sha256(json.dumps(teacher_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    return {"path": str(p), "sha256": h.hexdigest(), "config_hash": arch}
+    return h.hexdigest()
 
 
-def load_teacher(cfg: RunConfig) -> tuple[nn.Module | None, dict[str, Any]]:
-    """The frozen teacher on the CPU (or None with `teacher: null`) and its identity."""
+def shared_teacher_identity(path: str, teacher_cfg: Any) -> dict[str, Any]:
+    """`teacher_identity` computed (or read from the cache) by rank 0 only; the other ranks wait for it
+    and receive it (no shared cache directory needed between nodes)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return teacher_identity(path, teacher_cfg)
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = teacher_identity(path, teacher_cfg)
+        except Exception as e:  # the others must not wait forever for a broadcast that never comes
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+@dataclass
+class TeacherSource:
+    """A run's teacher before any rank holds it: its weights, mapped lazily, and its identity."""
+
+    checkpoint: Checkpoint  # lazy tensors: each rank reads its own rows when the engine places it
+    identity: dict[str, Any]
+
+
+def open_teacher(cfg: RunConfig) -> TeacherSource | None:
+    """The teacher's lazy weights and identity (None with `teacher: null`); nothing is read but headers."""
     if cfg.teacher is None:
-        return None, {}
-    from models.convert import load_pretrained
-
-    teacher = load_pretrained(cfg.teacher.path, prefer=cfg.teacher.prefer)
-    check_pair(student_config(cfg), teacher.config)
-    teacher.eval().requires_grad_(False)
-    return teacher, teacher_identity(cfg.teacher.path, teacher.config)
+        return None
+    ckpt = read_checkpoint(cfg.teacher.path, prefer=cfg.teacher.prefer, lazy=True)
+    check_pair(student_config(cfg), ckpt.config)
+    return TeacherSource(ckpt, shared_teacher_identity(cfg.teacher.path, ckpt.config))
 
 
-def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module, InheritReport | None]:
-    """The student, initialised as `student.init` says (inheritance follows LiT/DyDiT's rules), with
-    `peft`'s adapters on its frozen inherited base (trainer/peft.py)."""
+def build_student(cfg: RunConfig, teacher: Checkpoint | None) -> tuple[nn.Module, InheritPlan | None]:
+    """The student, randomly initialised on the CPU with the current RNG (the same on every rank and at
+    every world size), and the plan of what it inherits (`student.init`: from the teacher's weights, or
+    from `student.init_path`), checked by shape but not yet copied: the engine fills it after placing
+    the student, each rank its own rows. With `peft`, the adapters are in and the inherited base is
+    frozen (trainer/peft.py); the adapted layers keep the base's names, so the plan fills them alike."""
     from trainer.peft import apply_peft
 
     model = build_model(student_config(cfg))
@@ -96,19 +133,26 @@ def build_student(cfg: RunConfig, teacher: nn.Module | None) -> tuple[nn.Module,
     if init == "random":
         return model, None
     if init == "path":
-        from models.convert import read_checkpoint
-
-        source = read_checkpoint(cfg.student.init_path)
-        state, src_cfg = source.state_dict, source.config
+        source = read_checkpoint(cfg.student.init_path, lazy=True)
     else:
         assert teacher is not None  # validated: inherit needs a teacher
-        state, src_cfg = teacher.state_dict(), teacher.config
+        source = teacher
     exclude = cfg.student.inherit_exclude
     if exclude is None:
-        exclude = default_exclude(src_cfg, model.config)
-    report = inherit_weights(model, state, exclude)
-    apply_peft(cfg, model, report)  # adapters and a frozen base with `peft`; nothing without
-    return model, report
+        exclude = default_exclude(source.config, model.config)
+    plan = plan_inheritance(model, source.state_dict, exclude)
+    apply_peft(cfg, model, plan)  # adapters and a frozen base with `peft`; nothing without
+    return model, plan
+
+
+def teacher_placement(teacher: nn.Module) -> str:
+    """"sharded, 50.0% on this rank, bf16" or "replicated, fp32": where the placed teacher lives (the log)."""
+    from models.sharded_load import local_numel
+
+    held = [(n, f) for _, n, f in local_numel(teacher)]
+    share = sum(n for n, _ in held) / max(1, sum(f for _, f in held))
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in teacher.parameters()}))
+    return f"sharded, {100 * share:.1f}% on this rank, {dtypes}" if share < 1 else f"replicated, {dtypes}"
 
 
 def attach_null_condition(cfg: RunConfig, *models: nn.Module | None) -> bool:

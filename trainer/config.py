@@ -29,8 +29,10 @@ class StudentConfig:
 class TeacherConfig:
     path: Optional[str] = None  # official DiT .pt, diffusers dir, or our safetensors export
     prefer: str = "ema"  # which weights of a training checkpoint: ema | model
-    shard: bool = False  # FSDP-shard the frozen teacher in its own units (else replicate)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    shard: bool = False  # shard the frozen teacher in its own FSDP2 units, each rank reading only its rows (else replicate)
+    # stored (each tensor keeps the file's dtype: a bf16 teacher stays bf16) | fp32 | bf16 |
+    # auto (the first wave's default: bf16 on GPU, fp32 on CPU, whatever the file holds)
+    dtype: str = "stored"
     allow_changed: bool = False  # resume even if the teacher's identity differs from the checkpoint's
 
 
@@ -180,7 +182,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "student.init": ("inherit", "random", "path"),
     "teacher.prefer": ("ema", "model"),
-    "teacher.dtype": ("auto", "fp32", "bf16"),
+    "teacher.dtype": ("stored", "auto", "fp32", "bf16"),
     "diffusion.objective": ("gaussian", "flow"),
     "diffusion.timestep_sampling": ("uniform", "stratified", "logit_normal"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -265,8 +267,6 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail("engine.deepspeed_config", None, "a ZeRO JSON such as configs/deepspeed/zero2.json when engine.kind=deepspeed")
         if not Path(ds).exists():
             raise _fail("engine.deepspeed_config", ds, "no such file (configs/deepspeed/zero1.json, zero2.json, zero3.json)")
-        if cfg.teacher is not None and cfg.teacher.shard:
-            raise _fail("teacher.shard", True, "FSDP-only; under DeepSpeed the frozen teacher is replicated outside the ZeRO engine")
     kind = "fsdp" if cfg.engine.kind == "auto" and world_size > 1 else cfg.engine.kind
     if cfg.optim.fused == "apex" and kind == "fsdp":
         raise _fail("optim.fused", "apex", "apex's FusedAdam cannot drive FSDP2's sharded (DTensor) parameters; use "
@@ -292,7 +292,7 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail("student.init_path", cfg.student.init_path, "an existing checkpoint when student.init=path")
     _validate_peft(cfg, kind)
     try:
-        cfg.data.validate()
+        cfg.data.validate(world_size=max(world_size, 1))
     except ValueError as e:
         raise ConfigError(f"config data: {e}") from e
     return cfg

@@ -117,7 +117,7 @@ def _export_peft(cfg: RunConfig, ckpt: Path, manifest: dict, out: Path, merge_lo
     from models.lora import merge_lora as merge
     from models.lora.diffusers_format import save_diffusers_lora
     from models.lora.files import save_adapted
-    from trainer.build import build_student, load_teacher
+    from trainer.build import build_student, open_teacher
     from trainer.peft import base_identity, check_base, trainable_names
 
     for key, path in (("teacher.path", cfg.teacher.path if cfg.teacher else None),
@@ -125,10 +125,11 @@ def _export_peft(cfg: RunConfig, ckpt: Path, manifest: dict, out: Path, merge_lo
         if path is not None and not Path(path).exists():
             raise CheckpointError(f"{ckpt} holds adapters on a base inherited from {key}={path}, which does not exist "
                                   "here: the base is not in the checkpoint; put that file there to export")
-    teacher, teacher_id = load_teacher(cfg) if cfg.teacher is not None else (None, {})
-    student, _ = build_student(cfg, teacher)
-    del teacher
-    check_base(manifest, base_identity(cfg, student, teacher_id), ckpt)
+    source = open_teacher(cfg)  # lazy: only the inherited (frozen or trainable) tensors are read
+    student, plan = build_student(cfg, source.checkpoint if source is not None else None)
+    if plan is not None:
+        plan.apply(student)
+    check_base(manifest, base_identity(cfg, student, source.identity if source is not None else {}), ckpt)
     ema = copy.deepcopy(student)
     names = trainable_names(student)
     state = {"engine": {name: {k: v for k, v in m.state_dict().items() if k in names}

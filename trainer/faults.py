@@ -5,6 +5,8 @@ must never end up in a saved config or change its hash. Entries are separated by
 
   nan_batch@3,4         the input batch of steps 3 and 4 is all NaN (every rank), as corrupt data would be
   nan_batch@3:rank=1    ... on rank 1 only
+  nan_loss@3            the loss of step 3 reads NaN after its backward, its gradients finite, as a
+                        non-finite term that no gradient reaches would (so the agreed skip alone acts)
   hang@5:rank=1         rank 1 blocks forever in step 5 (in `_injected_hang`), as a stuck rank would
   wait_preempt@5        step 5 waits until a preemption signal has arrived (so a test's time-out
                         lands at a known step, however slow the machine)
@@ -25,6 +27,7 @@ ENV = "DITILL_DEBUG_FAULTS"
 @dataclass
 class Faults:
     nan_batch: dict[int, int | None] = field(default_factory=dict)  # step -> rank (None: all)
+    nan_loss: dict[int, int | None] = field(default_factory=dict)
     hang: dict[int, int | None] = field(default_factory=dict)
     wait_preempt: dict[int, int | None] = field(default_factory=dict)
     slow_step: float = 0.0
@@ -43,7 +46,7 @@ class Faults:
             kind, _, rest = entry.partition("@")
             steps, _, opt = rest.partition(":")
             rank = int(opt.split("=", 1)[1]) if opt.startswith("rank=") else None
-            if kind not in ("nan_batch", "hang", "wait_preempt") or not steps:
+            if kind not in ("nan_batch", "nan_loss", "hang", "wait_preempt") or not steps:
                 raise ValueError(f"{ENV}: unknown fault {entry!r}; see trainer/faults.py")
             for s in steps.split(","):
                 getattr(out, kind)[int(s)] = rank
@@ -61,6 +64,11 @@ class Faults:
         if self._hits(self.nan_batch, step, rank):
             batch = {**batch, "x": batch["x"].clone().fill_(float("nan"))}
         return batch
+
+    def loss(self, step: int, rank: int, terms: dict) -> dict:
+        if self._hits(self.nan_loss, step, rank):
+            terms = {**terms, "loss": float("nan")}
+        return terms
 
     def step(self, step: int, rank: int, preempted: Callable[[], bool]) -> None:
         if self.slow_step:

@@ -10,15 +10,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from data import build_loader
+from data import build_loader, merge_rank_states
 from models import family_of
+from models.lazy import close_sources
 from trainer.build import (
-    attach_null_condition, build_objective, build_student, count_parameters, load_teacher, seed_everything,
+    attach_null_condition, build_objective, build_student, count_parameters, open_teacher, seed_everything,
+    teacher_placement,
 )
 from trainer.checkpoint import (
     CheckpointError, Checkpointer, check_teacher, config_changes, rng_state, set_rng_state, step_dir_name,
@@ -51,40 +52,44 @@ def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def train(cfg: RunConfig, teacher=None, teacher_id: dict[str, Any] | None = None,
-          preempt: PreemptionFlag | None = None) -> RunResult:
-    """Run (or resume) the training described by `cfg`; returns where it stopped and why.
+def train(cfg: RunConfig, preempt: PreemptionFlag | None = None) -> RunResult:
+    """Run (or resume) the training described by `cfg` (validated); returns where it stopped and why.
 
-    `preempt`: a flag a launcher installed early (else the loop installs `train.preempt_signals`)."""
+    Models are built and loaded here, on every rank once the process group exists, each rank reading
+    only its own share of the teacher. `preempt`: a flag a launcher installed early (else the loop
+    installs `train.preempt_signals`)."""
     env = init_distributed(cfg.engine.collective_timeout_s)
     own_flag = preempt is None
     preempt = preempt or PreemptionFlag(tuple(cfg.train.preempt_signals))
     try:
-        return _train(cfg, env, teacher, teacher_id, preempt)
+        return _train(cfg, env, preempt)
     finally:
         if own_flag:
             preempt.restore()
         destroy_distributed()
 
 
-def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: PreemptionFlag) -> RunResult:
+def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if teacher is None and cfg.teacher is not None:
-        teacher, teacher_id = load_teacher(cfg)
+    source = open_teacher(cfg)  # mapped, not read; its identity hashed once (cached) by rank 0
+    teacher_ckpt = source.checkpoint if source is not None else None
+    teacher_id = source.identity if source is not None else {}
 
     torch.manual_seed(cfg.train.seed)  # identical student initialisation on every rank
-    student, report = build_student(cfg, teacher)
-    inherit_only = teacher is not None and not teacher_needed(cfg)
-    if inherit_only:  # no loss reads it (e.g. DyDiT's recipe, no KD): not placed, never run
-        teacher = None
-    attach_null_condition(cfg, teacher, student)
+    student, report = build_student(cfg, teacher_ckpt)
+    inherit_only = teacher_ckpt is not None and not teacher_needed(cfg)  # e.g. DyDiT's recipe, no KD
+    attach_null_condition(cfg, student)  # before the engine copies the student into its EMA
     seed_everything(cfg.train.seed, env.rank)
     objective = build_objective(cfg)
     engine = build_engine(cfg, env)
-    engine.setup(student, teacher)
+    # each rank reads its own rows of the teacher; one no loss reads is used for inheritance only (never placed)
+    engine.setup(student, None if inherit_only else teacher_ckpt, report)
+    attach_null_condition(cfg, engine.teacher)
+    for state in ([teacher_ckpt.state_dict] if teacher_ckpt else []) + ([report.source] if report else []):
+        close_sources(state)  # placed and filled: unmap the weights files
     loader = build_loader(cfg.data, env.rank, env.world_size)
     step_fn = DistillStep(cfg, objective, engine)
 
@@ -105,7 +110,8 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
     monitor.text(
         f"[ditill] engine={engine.name} world={env.world_size} device={env.device} "
         f"student={cfg.student.model} ({count_parameters(engine.raw_student) / 1e6:.2f}M params) "
-        f"teacher={'none' if teacher is None else cfg.teacher.path} start_step={start}"
+        f"teacher={'none' if engine.teacher is None else f'{cfg.teacher.path} ({teacher_placement(engine.teacher)})'} "
+        f"start_step={start}"
         + (f" inherit: {report.summary()}" if report else "")
         + (f" peft={cfg.peft.method}: {peft.peft_summary(engine.raw_student)}" if peft.enabled(cfg) else "")
         + (" (the teacher served inheritance only: no loss reads it, so it is not run)" if inherit_only else "")
@@ -134,6 +140,7 @@ def _train(cfg: RunConfig, env: DistEnv, teacher, teacher_id, preempt: Preemptio
                     micro = step_fn(batch, step, watch, 1.0 / accum, micro=a)
                 for k, v in micro.items():
                     terms[k] = terms.get(k, 0.0) + v / accum
+            terms = faults.loss(step + 1, env.rank, terms)
             faults.step(step + 1, env.rank, lambda: preempt.requested)
             # one collective: has any rank been signalled, has any rank a non-finite loss?
             stop, bad_loss = agree([preempt.requested, not math.isfinite(float(terms["loss"]))], env.device)
@@ -217,7 +224,7 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id, base_i
         old = extras["resharded_from"]
         state.update(old[0]["train"])
         seed_everything(cfg.train.seed + 7919 * state["step"], env.rank)
-        loader.load_state_dict(old[0]["loader"])
+        loader.load_state_dict(merge_rank_states([o["loader"] for o in old]))
         if env.is_main:
             warnings.warn(f"resumed {path} written by {len(old)} ranks on {env.world_size} ranks")
     else:

@@ -66,7 +66,7 @@ def teacher_of(student_cfg: Any) -> Any:
 def adapted_student(student_cfg: Any, spec: LoraSpec | None, teacher_cfg: Any | None = None) -> nn.Module:
     """The student on the meta device, with `spec`'s adapters on what it inherits from `teacher_cfg`
     (what training builds: non-inherited parts train fully, the rest is frozen)."""
-    from models.inherit import default_exclude, inherit_weights
+    from models.inherit import default_exclude, plan_inheritance
 
     family = family_of(student_cfg)
     teacher_cfg = teacher_cfg or teacher_of(student_cfg)
@@ -74,8 +74,8 @@ def adapted_student(student_cfg: Any, spec: LoraSpec | None, teacher_cfg: Any | 
         model = family.build(student_cfg)
         if spec is None:
             return model
-        report = inherit_weights(model, family_of(teacher_cfg).build(teacher_cfg).state_dict(),
-                                 default_exclude(teacher_cfg, student_cfg))
+        report = plan_inheritance(model, family_of(teacher_cfg).build(teacher_cfg).state_dict(),
+                                  default_exclude(teacher_cfg, student_cfg))
         params = dict(model.named_parameters())
         full = sorted(set(report.initialised + report.skipped) & set(params))
         apply_lora(model, spec, full)

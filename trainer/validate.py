@@ -51,7 +51,7 @@ def _peft(cfg: RunConfig, student: Any, source_cfg: Any) -> None:
     that selects nothing fails here, not after the process group and the teacher are up."""
     if cfg.peft.method == "none":
         return
-    from models.inherit import inherit_weights
+    from models.inherit import plan_inheritance
     from trainer.peft import apply_peft
 
     family = family_of(student)
@@ -59,8 +59,8 @@ def _peft(cfg: RunConfig, student: Any, source_cfg: Any) -> None:
         model = family.build(student)
         source = family_of(source_cfg).build(source_cfg).state_dict()
     exclude = cfg.student.inherit_exclude
-    report = inherit_weights(model, source, family.inherit_exclude(source_cfg, student) if exclude is None else exclude)
-    apply_peft(cfg, model, report)
+    plan = plan_inheritance(model, source, family.inherit_exclude(source_cfg, student) if exclude is None else exclude)
+    apply_peft(cfg, model, plan)
 
 
 def _guidance(cfg: RunConfig, student: Any, teacher: Any | None) -> None:

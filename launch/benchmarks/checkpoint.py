@@ -66,7 +66,7 @@ class Trainer:
         from data import build_loader
         from models import build_model
         from models.convert import save_safetensors
-        from trainer.build import build_objective, build_student, count_parameters, load_teacher, seed_everything
+        from trainer.build import build_objective, build_student, count_parameters, open_teacher, seed_everything
         from trainer.checkpoint import Checkpointer
         from trainer.config import load_config
         from trainer.distributed import init_distributed
@@ -89,12 +89,13 @@ class Trainer:
             overrides.append(f"teacher.path={path}")
         self.cfg = cfg = load_config(None, overrides, world_size=1)
         self.env = init_distributed(600)
-        teacher, teacher_id = load_teacher(cfg)
+        source = open_teacher(cfg)
+        teacher = source.checkpoint if source is not None else None
         torch.manual_seed(0)
-        student, _ = build_student(cfg, teacher)
+        student, plan = build_student(cfg, teacher)
         seed_everything(0, 0)
         self.engine = build_engine(cfg, self.env)
-        self.engine.setup(student, teacher)
+        self.engine.setup(student, teacher, plan)
         self.params = count_parameters(self.engine.raw_student)
         self.step_fn = DistillStep(cfg, build_objective(cfg), self.engine)
         self.loader = build_loader(cfg.data, 0, 1)

@@ -1,10 +1,13 @@
-"""`python -m launch.benchmark data [--json] [--samples N]`: loader throughput against raw reads.
+"""`python -m launch.benchmark data [--json] [--samples N] [--sources ...]`: loader throughput against raw reads.
 
-Writes PixArt-sized latent + text-embedding samples (4×32×32 fp16 latent, 300×4096 fp16 embedding
+Part 1 (source `latent`) writes PixArt-sized latent + text-embedding samples (4×32×32 fp16 latent, 300×4096 fp16 embedding
 with its mask, ≈2.5 MB) as webdataset and MDS shards, then measures, side by side in one run:
 the raw sequential read rate of those shard files (warm page cache, large buffers), measured
 right before each loader run, and the loader's samples/s and bytes/s (bytes of shard files) with
 0, 1 and 2 workers. Bar: 2 workers ≥ 50% of the raw rate.
+
+Part 2 (sources `wds`, `mds`, `s3`): third-party 256² JPEG sets read + decoded, against a raw
+read + decode of the same bytes (see `launch/benchmarks/data_sources.py`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from data.config import DataConfig
 from data.loader import build_loader
 from data.manifest import read_manifest
 from data.writers import write_samples
+from launch.benchmarks import data_sources
 
 BAR = 0.5
 
@@ -80,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="raw-read passes before each loader run (best is kept)")
     p.add_argument("--epochs", type=int, default=2, help="loader epochs timed (after one warm-up epoch)")
     p.add_argument("--dir", default=None, help="where to write the shards (default: a temp dir, removed after)")
+    p.add_argument("--sources", nargs="+", default=["latent", "wds", "mds", "s3"], choices=["latent", "wds", "mds", "s3"])
+    p.add_argument("--image-samples", type=int, default=512, help="JPEG samples per third-party source")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--image-repeats", type=int, default=3, help="paired raw/loader measurements per row (median kept)")
+    p.add_argument("--per-shard", type=int, default=64, help="JPEG samples per shard")
     args = p.parse_args(argv)
     latent = tuple(int(s) for s in args.latent.split(","))
     text = tuple(int(s) for s in args.text.split(","))
@@ -88,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]  # other processes on the machine skew every number: say how busy it was
     root = tempfile.mkdtemp(prefix="ditill-bench-", dir=args.dir)
     results: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
     try:
+        image_sources = [s for s in args.sources if s != "latent"]
+        if image_sources:
+            images = data_sources.run_sources(os.path.join(root, "images"), sources=image_sources, n=args.image_samples,
+                                              size=args.image_size, per_shard=args.per_shard, batch_size=args.batch_size,
+                                              workers=args.image_workers, repeats=args.image_repeats, epochs=args.epochs)
         meta = {"source": "synthetic", "latent": {"scaling_factor": 0.13025, "shift_factor": 0.0},
                 "text": {"max_length": text[0], "dim": text[1]}}
-        for fmt in ("wds", "mds"):
+        for fmt in (("wds", "mds") if "latent" in args.sources else ()):
             path = os.path.join(root, fmt)
             write_samples(synthetic_samples(args.samples, latent, text), path, fmt, meta, samples_per_shard=64)
             manifest = read_manifest(path)
@@ -110,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     passed = all(r["ratio"] >= BAR for r in results if r["workers"] == 2)
+    image_verdicts = data_sources.verdicts(images)
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     if args.json:
         print(json.dumps({"suite": "data", "samples": args.samples, "batch_size": args.batch_size, "sample_shape":
-                          {"latent": latent, "text_emb": text}, "bar": BAR, "passed": passed, "load_average": load, "results": results}, indent=1))
-    else:
+                          {"latent": latent, "text_emb": text}, "bar": BAR, "passed": passed, "load_average": load, "results": results,
+                          "images": {"samples": args.image_samples, "size": args.image_size, "rows": images,
+                                     "bars": image_verdicts}}, indent=1))
+        return 0
+    if results:
         print(f"data loader vs raw read: {args.samples} samples/format, latent {latent} + text {text} fp16, batch {args.batch_size}; "
               f"load average {load['before']:.1f} → {load['after']:.1f} on {load['cpus']} CPUs")
         print(f"{'format':<6} {'reader':<20} {'workers':>7} {'samples/s':>10} {'MB/s':>9} {'raw MB/s':>9} {'ratio':>6}")
@@ -125,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         print("raw MB/s: the raw read measured just before each loader run (the raw row is their median); "
               "ratio = loader MB/s / that raw MB/s")
         print(f"bar: loader with 2 workers ≥ {BAR:.0%} of raw — {'met' if passed else 'NOT met'}")
+    if images:
+        print(f"\nthird-party JPEG sources: {args.image_samples} samples of {args.image_size}² per source, batch {args.batch_size}; "
+              f"load average {load['before']:.1f} → {load['after']:.1f} on {load['cpus']} CPUs")
+        data_sources.print_rows(images, load)
+        for what, ok in image_verdicts.items():
+            print(f"bar: {what} — {'met' if ok else 'NOT met'}")
     return 0
 
 

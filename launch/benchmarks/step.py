@@ -59,18 +59,18 @@ class Runner:
     """One configuration's engine and step on a fixed synthetic batch."""
 
     def __init__(self, size: dict, teacher_path: str | None, ac: str, env) -> None:
-        from models import load_pretrained
-        from trainer.build import build_objective, build_student
+        from trainer.build import build_objective, build_student, open_teacher
         from trainer.config import load_config
         from trainer.engines import build_engine
         from trainer.step import DistillStep, Stopwatch
 
         cfg = load_config(None, _overrides(size, teacher_path, ac, 1000), world_size=1)
-        teacher = load_pretrained(teacher_path) if teacher_path else None
+        source = open_teacher(cfg)
+        teacher = source.checkpoint if source is not None else None
         torch.manual_seed(0)
-        student, _ = build_student(cfg, teacher)
+        student, plan = build_student(cfg, teacher)
         self.engine = build_engine(cfg, env)
-        self.engine.setup(student, teacher)
+        self.engine.setup(student, teacher, plan)
         self.step_fn = DistillStep(cfg, build_objective(cfg), self.engine)
         mc = student.config
         g = torch.Generator().manual_seed(0)

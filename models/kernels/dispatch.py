@@ -7,7 +7,6 @@ asks for it explicitly (on the CPU that needs TRITON_INTERPRET=1, which is how t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -55,13 +54,13 @@ def get_ops(mode: str = "auto", device: torch.device | str | None = None) -> Ker
     """The op set for `mode` on `device` (see the module docstring for the rule).
 
     Called per forward with the activations' device, so a model built on the CPU and moved to a GPU
-    picks up the kernels; the choice is cached per (mode, device type).
+    picks up the kernels. Not memoised: the choice is a few comparisons (Triton's import is cached
+    by Python), and torch.compile traces it as plain code (an lru_cache it would only warn about).
     """
     dev_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return _resolve(mode, dev_type)
 
 
-@lru_cache(maxsize=None)
 def _resolve(mode: str, dev_type: str) -> KernelOps:
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels={mode!r} is not one of {KERNEL_MODES}")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from models.kernels import linear_attention_kernels as K
 from models.kernels import reference
@@ -143,29 +144,73 @@ def _backward(q, k, v, out, s, z, den, dout):
     return dq, dk, dv
 
 
-class LinearAttentionFunction(torch.autograd.Function):
-    """autograd wrapper: saves q, k, v, out and the small fp32 S, z, den for the backward.
+# As torch.library custom ops (opaque to torch.compile, which compiles the model around them): the
+# forward returns out with the fp32 S, z, den the backward needs; the backward is a second op.
+@torch.library.custom_op("ditill::linear_attention_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(q, k, v, eps)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, eps):
+    bsz, heads, n, d = q.shape
+    bh, e = bsz * heads, v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return q.new_empty((bsz, heads, n, e)), q.new_empty((bh, d, e), **f32), q.new_empty((bh, d), **f32), q.new_empty((bh, n), **f32)
+
+
+@torch.library.custom_op("ditill::linear_attention_bwd", mutates_args=())
+def _bwd_op(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, s: Tensor, z: Tensor, den: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(q, k, v, out, s, z, den, dout)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, out, s, z, den, dout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves q, k, v, out and the small fp32 S, z, den.
 
     out is saved (the backward's delta = rowsum(dO ⊙ out)), so modifying the returned tensor in
     place before backward raises autograd's version-counter error rather than a wrong gradient.
     """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-        out, s, z, den = _forward(q, k, v, eps)
-        ctx.save_for_backward(q, k, v, out, s, z, den)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, s, z, den = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, s, z, den, dout)
-        return dq, dk, dv, None
+    q, k, v, _ = inputs
+    out, s, z, den = output
+    ctx.save_for_backward(q, k, v, out, s, z, den)
+    ctx.mark_non_differentiable(s, z, den)
 
 
-@torch.compiler.disable  # see tuning.py: a graph break, never traced
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def _backward_rule(ctx, dout, *_):  # first order only: the backward op has no autograd of its own
+    q, k, v, out, s, z, den = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(q, k, v, out, s, z, den, dout)
+    return dq, dk, dv, None
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# FlopCounterMode does not see into custom ops: count what it counts for the reference, its matmuls
+# (the normaliser φ(q)·z is elementwise work it does not count): φ(k)ᵀv and φ(q)S forward, twice that
+# backward (dq, dS, dk, dv).
+def _matmul_flops(q_shape, k_shape, v_shape) -> int:
+    b, h, nq, d = q_shape
+    return 2 * b * h * d * v_shape[-1] * (nq + k_shape[-2])
+
+
+@register_flop_formula(torch.ops.ditill.linear_attention_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, eps, *, out_shape) -> int:
+    return _matmul_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.ditill.linear_attention_bwd)
+def _bwd_flops(q_shape, k_shape, v_shape, *saved_and_grad, out_shape) -> int:
+    return 2 * _matmul_flops(q_shape, k_shape, v_shape)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
     """Same contract as `reference.linear_attention`: q (B,H,Nq,D), k (B,H,Nk,D), v (B,H,Nk,E) → (B,H,Nq,E).
 
     Mixed input dtypes run in their promoted dtype (the reference upcasts everything to fp32, so
@@ -182,5 +227,5 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     ):
         return reference.linear_attention(q, k, v, eps)
     check_device(q, k, v)
-    out = LinearAttentionFunction.apply(q.to(dtype), k.to(dtype), v.to(dtype), eps)
+    out = _fwd_op(q.to(dtype), k.to(dtype), v.to(dtype), eps)[0]
     return out.to(v.dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from models.kernels import reference
 from models.kernels.tuning import FLOAT_DTYPES, check_device
@@ -98,75 +98,116 @@ def _scatter_into(out: torch.Tensor, index: torch.Tensor, y: torch.Tensor, gate:
     )
 
 
-class GatherTokensFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        flat = x.reshape(b * n, d).contiguous()
-        m = index.numel()
-        out = torch.empty((m, d), device=x.device, dtype=x.dtype)
-        block_m, block_d = _blocks(d)
-        _gather_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d))](
-            flat, index, out, m, d, BLOCK_M=block_m, BLOCK_D=block_d
-        )
-        ctx.save_for_backward(index)
-        ctx.shape = (b, n, d)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        b, n, d = ctx.shape
-        dx = torch.zeros((b * n, d), device=dout.device, dtype=dout.dtype)
-        _scatter_into(dx, index, dout.contiguous(), None, n)
-        return dx.view(b, n, d), None
+def _gather_forward(x: Tensor, index: Tensor) -> Tensor:
+    b, n, d = x.shape
+    flat = x.reshape(b * n, d).contiguous()
+    m = index.numel()
+    out = torch.empty((m, d), device=x.device, dtype=x.dtype)
+    block_m, block_d = _blocks(d)
+    _gather_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d))](
+        flat, index, out, m, d, BLOCK_M=block_m, BLOCK_D=block_d
+    )
+    return out
 
 
-class ScatterAddTokensFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, index, y, gate):
-        b, n, d = x.shape
-        out = x.reshape(b * n, d).clone(memory_format=torch.contiguous_format)
-        y = y.contiguous()
-        _scatter_into(out, index, y, gate, n)
-        ctx.save_for_backward(index, y, gate if gate is not None else y)
-        ctx.has_gate = gate is not None
-        ctx.shape = (b, n, d)
-        return out.view(b, n, d)
+def _gather_backward(dout: Tensor, index: Tensor, b: int, n: int) -> Tensor:
+    """dx (B, N, D): dout scattered (added) back to the rows it was gathered from."""
+    d = dout.shape[-1]
+    dx = torch.zeros((b * n, d), device=dout.device, dtype=dout.dtype)
+    _scatter_into(dx, index, dout.contiguous(), None, n)
+    return dx.view(b, n, d)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        index, y, gate = ctx.saved_tensors
-        b, n, d = ctx.shape
-        dflat = dout.reshape(b * n, d).contiguous()
-        if not ctx.has_gate:
-            return dout, None, dflat.index_select(0, index).to(y.dtype), None
-        m = y.shape[0]
-        dy = torch.empty_like(y)
-        dgate = torch.zeros((b, d), device=y.device, dtype=torch.float32)
-        block_m, block_d = _blocks(d)
-        _scatter_add_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d))](
-            dflat, index, y, gate, dy, dgate, m, n, d, gate.stride(0), BLOCK_M=block_m, BLOCK_D=block_d
-        )
-        return dout, None, dy, dgate.to(gate.dtype)
+
+def _scatter_forward(x: Tensor, index: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:
+    b, n, d = x.shape
+    out = x.reshape(b * n, d).clone(memory_format=torch.contiguous_format)
+    _scatter_into(out, index, y.contiguous(), gate, n)
+    return out.view(b, n, d)
+
+
+def _scatter_backward(dout: Tensor, index: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """dy in y's dtype and dgate (B, D) in fp32, in one kernel (the gated case)."""
+    b, n, d = dout.shape
+    dflat = dout.reshape(b * n, d).contiguous()
+    y = y.contiguous()
+    m = y.shape[0]
+    dy = torch.empty_like(y)
+    dgate = torch.zeros((b, d), device=y.device, dtype=torch.float32)
+    block_m, block_d = _blocks(d)
+    _scatter_add_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(d, block_d))](
+        dflat, index, y, gate, dy, dgate, m, n, d, gate.stride(0), BLOCK_M=block_m, BLOCK_D=block_d
+    )
+    return dy, dgate
+
+
+# torch.library custom ops (see adaln.py): compiled around, never traced into.
+_gather_op = torch.library.custom_op("ditill::gather_tokens", _gather_forward, mutates_args=())
+_gather_bwd_op = torch.library.custom_op("ditill::gather_tokens_bwd", _gather_backward, mutates_args=())
+_scatter_op = torch.library.custom_op("ditill::scatter_add_tokens", _scatter_forward, mutates_args=())
+_scatter_bwd_op = torch.library.custom_op("ditill::scatter_add_tokens_bwd", _scatter_backward, mutates_args=())
+
+
+@_gather_op.register_fake
+def _(x, index):
+    return x.new_empty((index.shape[0], x.shape[-1]))
+
+
+@_gather_bwd_op.register_fake
+def _(dout, index, b, n):
+    return dout.new_empty((b, n, dout.shape[-1]))
+
+
+@_scatter_op.register_fake
+def _(x, index, y, gate):
+    return x.new_empty(x.shape)
+
+
+@_scatter_bwd_op.register_fake
+def _(dout, index, y, gate):
+    return y.new_empty(y.shape), y.new_empty((dout.shape[0], dout.shape[-1]), dtype=torch.float32)
+
+
+def _gather_setup(ctx, inputs, output) -> None:
+    x, index = inputs
+    ctx.save_for_backward(index)
+    ctx.rows = x.shape[:2]
+
+
+def _gather_grad(ctx, dout):  # first order only
+    (index,) = ctx.saved_tensors
+    return _gather_bwd_op(dout, index, *ctx.rows), None
+
+
+def _scatter_setup(ctx, inputs, output) -> None:
+    _, index, y, gate = inputs
+    ctx.save_for_backward(index, y, gate)
+
+
+def _scatter_grad(ctx, dout):  # first order only
+    index, y, gate = ctx.saved_tensors
+    if gate is None:
+        b, n, d = dout.shape
+        return dout, None, dout.reshape(b * n, d).index_select(0, index).to(y.dtype), None
+    dy, dgate = _scatter_bwd_op(dout, index, y, gate)
+    return dout, None, dy, dgate.to(gate.dtype)
+
+
+_gather_op.register_autograd(_gather_grad, setup_context=_gather_setup)
+_scatter_op.register_autograd(_scatter_grad, setup_context=_scatter_setup)
 
 
 def _index_ok(x: torch.Tensor, index: torch.Tensor) -> bool:
     return x.dim() == 3 and index.dim() == 1 and not index.is_floating_point() and x.dtype in FLOAT_DTYPES
 
 
-@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.gather_tokens`; a Triton gather, for measurement (see module doc)."""
     if not _index_ok(x, index) or index.numel() == 0:
         return reference.gather_tokens(x, index)
     check_device(x, index)
-    return GatherTokensFunction.apply(x, index)
+    return _gather_op(x, index)
 
 
-@torch.compiler.disable  # see tuning.py: a graph break, never traced
 def scatter_add_tokens(
     x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -184,4 +225,4 @@ def scatter_add_tokens(
     check_device(x, index, y)
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
-    return ScatterAddTokensFunction.apply(x, index, y, gate)
+    return _scatter_op(x, index, y, gate)

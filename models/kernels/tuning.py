@@ -5,10 +5,13 @@ Triton decides between compiling and interpreting when a `@triton.jit` function 
 config would be benchmarked at ~250× torch's cost, so a `TunedKernel` then launches the plain
 kernel with `interpret_meta`, a dict the tests may edit to exercise other block sizes.
 
-The public ops are wrapped in `torch.compiler.disable`: under `torch.compile` each is a graph
-break that runs the fused kernel eagerly. The kernel is already one pass over memory, and
-Dynamo tracing these launchers (autotune with config pruning, Python-side split heuristics;
-the interpreter's own Python under TRITON_INTERPRET) fails hard rather than falling back.
+Under `torch.compile` the launchers run inside `torch.library` custom ops (one per forward and
+per backward, with fake implementations and registered autograd; see adaln.py, linear_attention.py,
+token_routing.py): the compiler keeps each op as one opaque call in its graph, never
+tracing the launcher's Python (autotuning with config pruning, split heuristics, the interpreter).
+`custom_op` rather than `triton_op`: each launcher already is one or a few full passes over
+memory with nothing for inductor to fuse into, and the launch decisions (autotuner, SM-count
+splits, the interpreter's fixed configs) stay in plain Python outside the graph.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -28,26 +28,16 @@ from trainer.distributed import DistEnv
 from trainer.ema import EMA
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 
+if TYPE_CHECKING:
+    from models.family import Checkpoint
+    from models.inherit import InheritPlan
+
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     mp = cfg.engine.mixed_precision
     if mp == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if mp == "bf16" else torch.float32
-
-
-def teacher_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    td = cfg.teacher.dtype if cfg.teacher is not None else "auto"
-    if td == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if td == "bf16" else torch.float32
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    """A teacher is in eval(), needs no grads and is never seen by an optimizer."""
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 class Engine(ABC):
@@ -64,8 +54,10 @@ class Engine(ABC):
         self.ema: EMA | None = None
 
     @abstractmethod
-    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Wrap the student (and place the teacher) and build the optimizer."""
+    def setup(self, student: nn.Module, teacher: "Checkpoint | None", inherit: "InheritPlan | None" = None) -> None:
+        """Wrap the student, fill what it inherits (`inherit`, after wrapping, so a sharded student reads
+        only its rows), place the teacher from its lazy weights (`trainer.engines.placement`) and build
+        the optimizer."""
 
     @abstractmethod
     def accumulate(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:

@@ -7,8 +7,10 @@ import inspect
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.engines.base import TorchEngine, freeze, teacher_dtype
-from trainer.engines.fsdp import shard_teacher
+from models.family import Checkpoint
+from models.inherit import InheritPlan
+from trainer.engines.base import TorchEngine
+from trainer.engines.placement import inherit_into, place_teacher
 from trainer.parallelize import apply_activation_checkpointing, apply_compile
 
 
@@ -23,20 +25,17 @@ def wrap_ddp(module: nn.Module, device_ids: list[int] | None) -> DDP:
 class DDPEngine(TorchEngine):
     name = "ddp"
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def setup(self, student: nn.Module, teacher: Checkpoint | None, inherit: InheritPlan | None = None) -> None:
         device = self.env.device
         self.raw_student = student.to(device)
+        inherit_into(self.raw_student, inherit)  # a replica: every inherited tensor whole
         ema = self.make_ema_copy(self.raw_student)
         apply_activation_checkpointing(self.raw_student, self.cfg.engine)
         apply_compile(self.raw_student, self.cfg.engine)
         device_ids = [device.index] if device.type == "cuda" else None
         self.student = wrap_ddp(self.raw_student, device_ids)
         if teacher is not None:
-            freeze(teacher)
-            if self.cfg.teacher.shard:
-                self.teacher = shard_teacher(teacher, self.cfg, self.env)
-            else:
-                self.teacher = teacher.to(device=device, dtype=teacher_dtype(self.cfg, device))
+            self.teacher = place_teacher(teacher, self.cfg, self.env, shard=self.cfg.teacher.shard)
         self._finish_setup(ema)
 
     def accumulate(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:

@@ -1,16 +1,23 @@
 """DeepSpeed ZeRO (stage 1, 2 or 3 from `engine.deepspeed_config`) behind the Engine interface.
 
-- Only the student enters `deepspeed.initialize`. The teacher is frozen (eval, no grad), replicated
-  on every rank and never wrapped or partitioned: ZeRO-3 hooks and partitions every module it is
-  given (and every module built inside `deepspeed.zero.Init`, which we do not use), so a teacher
-  inside the engine would be partitioned, fetched on every forward and saved with the student.
-  `setup` checks that no teacher parameter carries ZeRO-3's `ds_id`.
+- Only the student enters `deepspeed.initialize`. Under ZeRO-3 it is partitioned by
+  `deepspeed.zero.Init(module=...)` before that, and each rank fills its partitions of what the
+  student inherits straight from the teacher's file (`zero3_student`), so the fp32 masters ZeRO then
+  makes start from the inherited weights. The teacher never enters the engine (it would be saved
+  with the student and hooked by ZeRO): it is frozen and placed by `trainer.engines.placement`,
+  replicated or, with `teacher.shard: true`, in its own FSDP2 units (its ZeRO-3-like partitioning:
+  each rank holds and reads only its rows). `setup` checks that no teacher parameter carries ZeRO's
+  `ds_id`.
 - The optimizer is our torch AdamW (param groups with the router LR multiplier), wrapped by ZeRO;
   the LR schedule is our LambdaLR on the same param groups, stepped by us once per step (skipped
   steps included, as in the torch engines).
 - Batch sizes, accumulation, clipping and bf16 come from the run config: the JSON's `"auto"`
   values are filled in, and an explicit value that contradicts the run config is an error.
-- A non-finite gradient makes ZeRO skip the update (its overflow check); `skipped` reports it.
+- A skipped step, as the loop agrees it (a non-finite loss on any rank, `skip=True`), runs ZeRO's step
+  with the wrapped torch optimizer's update withheld (`withheld_update`): ZeRO clears the gradients,
+  keeps its collectives in step across ranks and copies its unchanged fp32 masters back, so no
+  weight, Adam moment or step count moves, and the EMA is not updated. A non-finite gradient makes
+  ZeRO skip the update itself (its overflow check). `skipped` reports either.
 - EMA (`ShardedEMA`): each rank keeps an fp32 EMA of exactly the fragment of each parameter whose
   fp32 master weights its optimizer partition holds (ZeRO-1/2: the `_hp_mapping` fragments; ZeRO-3:
   the rank's partition). The update is local (no communication), the EMA costs 1/world of a model
@@ -27,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.family import Checkpoint
+from models.inherit import InheritPlan
+from models.lazy import read_flat
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig
-from trainer.engines.base import Engine, compute_dtype, freeze, teacher_dtype
+from trainer.engines.base import Engine, compute_dtype
+from trainer.engines.placement import inherit_into, place_teacher
 from trainer.ema import EMA
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallelize import apply_activation_checkpointing, apply_compile
@@ -236,15 +246,71 @@ class DeepSpeedState:
         return every[rank::world_size]
 
 
+@contextlib.contextmanager
+def withheld_update(optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
+    """Inside, each optimizer's `step` does nothing (moves no parameter, moment or step count)."""
+    saved = [vars(opt).get("step") for opt in optimizers]
+    for opt in optimizers:
+        opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for opt, own in zip(optimizers, saved):
+            del opt.step
+            if own is not None:
+                opt.step = own
+
+
+def zero3_student(deepspeed, student: nn.Module, conf: dict[str, Any], inherit: InheritPlan | None,
+                  device: torch.device) -> nn.Module:
+    """The student partitioned by ZeRO-3's `zero.Init`, its inherited partitions read from the teacher file.
+
+    `zero.Init(module=student)` moves each parameter of the student (built on the CPU with the run's
+    seed, so its random part equals the single-process run's) to the device one at a time, broadcasts
+    it from rank 0 and keeps this rank's flat partition. Each rank then copies the flat range of every
+    inherited tensor its partition holds (`read_flat`: only the rows that cover it). Building the model
+    inside the `zero.Init` context is not an option: a family's model-level initialisation (DiT's
+    `initialize_weights`) would run on parameters already partitioned away and fail."""
+    dtype = torch.bfloat16 if conf.get("bf16", {}).get("enabled") else torch.float32
+    with torch.no_grad():
+        for p in student.parameters():
+            p.data = p.data.to(dtype)  # ZeRO-Init parameters carry the configured dtype
+        for mod in student.modules():
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = b.to(device)  # buffers are never partitioned
+    deepspeed.zero.Init(module=student, config_dict_or_path=conf, dtype=dtype)
+    if inherit is None:
+        return student
+    params = dict(student.named_parameters())
+    buffers = [k for k in inherit.inherited if k not in params]
+    with torch.no_grad():
+        for name in inherit.inherited:
+            if name not in params:
+                continue
+            p, src = params[name], inherit.source[name]
+            part = p.ds_tensor
+            start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+            length = max(0, min(part.ds_numel, p.ds_numel - start))
+            if length:
+                part.narrow(0, 0, length).copy_(read_flat(src, start, start + length))
+    inherit_into(student, InheritPlan(inherited=buffers, source=inherit.source))
+    return student
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def setup(self, student: nn.Module, teacher: Checkpoint | None, inherit: InheritPlan | None = None) -> None:
         deepspeed = import_deepspeed()
         env, cfg = self.env, self.cfg
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
         conf = ds_config(cfg, env.world_size, env.device)
-        self.raw_student = student.to(env.device)
+        if conf["zero_optimization"]["stage"] == 3:
+            self.raw_student = zero3_student(deepspeed, student, conf, inherit, env.device)
+        else:
+            self.raw_student = student.to(env.device)
+            inherit_into(self.raw_student, inherit)  # ZeRO-1/2 keep whole parameters on every rank
         apply_activation_checkpointing(self.raw_student, cfg.engine)
         apply_compile(self.raw_student, cfg.engine)
         optimizer = build_optimizer(param_groups(student.named_parameters(), cfg.dynamic.router_lr_mult), cfg.optim, env.device)
@@ -254,12 +320,14 @@ class DeepSpeedEngine(Engine):
         self.student = self.ds
         self.stage = int(self.ds.zero_optimization_stage())
         if teacher is not None:
-            freeze(teacher)
-            self.teacher = teacher.to(device=env.device, dtype=teacher_dtype(cfg, env.device))
+            self.teacher = place_teacher(teacher, cfg, env, shard=cfg.teacher.shard)
             if any(hasattr(p, "ds_id") for p in self.teacher.parameters()):
                 raise RuntimeError("the teacher's parameters were partitioned by ZeRO-3; it must stay outside the engine")
         self.ema = ShardedEMA(self.ds, cfg.ema, self.stage, env.rank, env.world_size)  # type: ignore[assignment]
-        self._warned_skip = False
+        # the torch optimizers ZeRO steps on its fp32 partitions: ours, and any it made (offload)
+        self._torch_optimizers = [o for o in vars(self.ds.optimizer).values() if isinstance(o, torch.optim.Optimizer)]
+        if optimizer not in self._torch_optimizers:
+            raise RuntimeError("DeepSpeed did not wrap DiTill's optimizer; a skipped step could not withhold its update")
 
     def accumulate(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         self.ds.set_gradient_accumulation_boundary(last_micro_batch)
@@ -269,17 +337,15 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)  # the step already divides by the accumulation count
 
     def step(self, step: int, skip: bool = False) -> dict[str, float]:
-        self.ds.step()
-        applied = not bool(getattr(self.ds.optimizer, "overflow", False))
-        if applied and skip and not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn("a loss was non-finite but its gradients were finite: ZeRO applied the update")
+        with withheld_update(self._torch_optimizers) if skip else contextlib.nullcontext():
+            self.ds.step()  # every rank calls it (skip is agreed), so ZeRO's collectives stay matched
+        applied = not skip and not bool(getattr(self.ds.optimizer, "overflow", False))
         if applied:
             self.ema.update(step)
         self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return {"grad_norm": norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(not applied or skip)}
+        return {"grad_norm": norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(not applied)}
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("DeepSpeed engines are checkpointed through checkpoint_state()")
