@@ -5,7 +5,9 @@ an interrupted training stage resumes from its last checkpoint):
 
 1. `shards`     (only with `data != digits`) the digits written as webdataset / MDS shards
 2. `teacher`    a small DiT trained from scratch (`configs/quickstart/teacher.yaml`), EMA exported
-3. `lit`, `dydit`, `dylit`  students distilled from the teacher's EMA (`configs/quickstart/<name>.yaml`)
+3. `lit`, `dydit`, `dylit`  students distilled from the teacher's EMA (`configs/quickstart/<name>.yaml`);
+                with `--peft lora,tdlora` also `<student>-lora`, `<student>-tdlora`: the same recipes with
+                adapters on the frozen inherited base (`PEFT_OVERRIDES`), compared with the full fine-tunes
 4. `classifier` a CNN on the real digits (`trainer.digits_eval`)
 5. `eval/<m>`   fixed-seed class-conditional samples of each model: accuracy, Fréchet distance, the
                 realised FLOPs of what actually ran, a PNG grid
