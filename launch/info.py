@@ -7,6 +7,8 @@ the model's family for the analytic counts, print. FLOPs are multiply-adds per i
 native resolution (the DiT paper's unit), so dit-xl/2 reads 118.6 GFLOPs as in the paper; a family
 that runs at any size (PixArt-Σ) also reports the resolutions it names (`report_resolutions`), and
 `--resolution 512 768x1024` asks for others (pixels, square or H×W).
+`--memory` adds the per-rank training memory of the model as a student under full fine-tuning, LoRA
+and TD-LoRA (`trainer/memory.py`: trainable parameters, optimizer bytes, peak estimate; meta device).
 """
 from __future__ import annotations
 
@@ -211,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--replicate-teacher", action="store_true", help="teacher.shard: false")
     plan.add_argument("--no-ema", action="store_true", help="a run without the EMA copy")
     plan.add_argument("--reserve", type=float, default=4.0, help="GiB for CUDA context, NCCL, fragmentation (default 4)")
+    mem = parser.add_argument_group("training memory (--memory): full fine-tuning vs LoRA vs TD-LoRA, per rank")
+    mem.add_argument("--memory", action="store_true", help="plan the training memory of the model as a student")
+    mem.add_argument("--rank", type=int, default=32, help="LoRA rank (TD-LoRA: the total over its experts)")
+    mem.add_argument("--experts", type=int, default=4, help="TD-LoRA experts per layer")
+    mem.add_argument("--batch", type=int, default=32, help="micro-batch per rank")
+    mem.add_argument("--world", type=int, default=1, help="ranks (FSDP2 shards weights, gradients, optimizer, EMA)")
+    mem.add_argument("--engine", choices=("single", "ddp", "fsdp"), default="fsdp")
+    mem.add_argument("--activation-checkpointing", choices=("none", "full"), default="none")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
@@ -222,11 +232,52 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(plan_json(result), indent=2) if args.json else table)
             return 0
         info = model_info(args.model, overrides, resolutions)
+        if args.memory:
+            info["memory"] = memory_info(args.model, overrides, args)
     except (ValueError, TypeError, NotImplementedError) as err:
         print(f"launch.info: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_table(info) + (f"\n\n{format_memory(info['memory'])}" if args.memory else ""))
     return 0
+
+
+def memory_info(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`trainer.memory.plan` of full fine-tuning, LoRA and TD-LoRA at the same rank, with the settings."""
+    from models.lora import LoraSpec
+    from trainer.memory import plan
+
+    cfg = model_config(name, **overrides)
+    settings = {"rank": args.rank, "experts": args.experts, "batch": args.batch, "world": args.world,
+                "engine": args.engine, "activation_checkpointing": args.activation_checkpointing,
+                "compute_dtype": "bf16", "master_dtype": "fp32", "targets": ["attention", "mlp", "adaLN"]}
+    rows = []
+    for spec in (None, LoraSpec(method="lora", rank=args.rank), LoraSpec(method="tdlora", rank=args.rank, experts=args.experts)):
+        rows.append(plan(cfg, spec, batch=args.batch, world=args.world, engine=args.engine,
+                         checkpointing=args.activation_checkpointing).as_dict())
+    return {"settings": settings, "plans": rows}
+
+
+def format_memory(mem: dict[str, Any]) -> str:
+    s, rows = mem["settings"], mem["plans"]
+    gb = 1024**3
+    full = rows[0]
+    lines = [
+        f"training memory per rank (GiB): micro-batch {s['batch']}, {s['world']} rank(s), {s['engine']}, activation "
+        f"checkpointing {s['activation_checkpointing']}, bf16 compute, fp32 master weights, AdamW; LoRA rank "
+        f"{s['rank']} on {'/'.join(s['targets'])} (TD-LoRA: {s['experts']} experts)",
+        f"{'method':<8}{'trainable':>15}{'vs full':>9}{'weights':>9}{'grads':>8}{'optimizer':>11}{'EMA':>8}"
+        f"{'teacher':>9}{'activations':>13}{'peak':>8}{'vs full':>9}{'checkpoint':>12}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<8}{r['trainable']:>15,}{r['trainable'] / full['trainable']:>9.3f}"
+            f"{r['weights_bytes'] / gb:>9.2f}{r['grad_bytes'] / gb:>8.2f}{r['optimizer_bytes'] / gb:>11.2f}"
+            f"{r['ema_bytes'] / gb:>8.2f}{r['teacher_bytes'] / gb:>9.2f}{r['activation_bytes'] / gb:>13.2f}"
+            f"{r['peak_bytes'] / gb:>8.2f}{r['peak_bytes'] / full['peak_bytes']:>9.3f}{r['checkpoint_bytes'] / gb:>12.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

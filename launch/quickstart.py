@@ -1,10 +1,12 @@
-"""`python -m launch.quickstart [--out DIR] [--quick] [--data digits|wds|mds] [key=value ...]`
+"""`python -m launch.quickstart [--out DIR] [--quick] [--data digits|wds|mds] [--peft lora,tdlora] [key=value ...]`
 
 On scikit-learn's bundled digits: train a small DiT teacher from scratch, distil a LiT, a DyDiT and a
 DyLiT student from it, sample class-conditional digits from each, score them with a classifier
 trained on the real digits, measure GFLOPs and sampling time, and write `report.json`, `report.md`
 and one PNG grid per model into DIR (default runs/quickstart). Running it again into the same DIR
 reuses the finished stages. `key=value` overrides go to every training stage (e.g. train.steps=100).
+`--peft lora,tdlora` also distils each student with LoRA / TD-LoRA adapters on its frozen inherited
+base (stages `<student>-<method>`) and compares them with the full fine-tunes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def parse(argv: list[str] | None):
                    help="training processes (DDP ranks); default one per CPU core up to 2, or 1 with a GPU")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (training ranks, sampling, timing); default 1")
+    p.add_argument("--peft", default="", metavar="lora,tdlora",
+                   help="also distil each student with LoRA and/or TD-LoRA adapters on its frozen base (compared "
+                        "with its full fine-tune: trainable parameters, accuracy)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a quality bar is not met")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every training stage")
     a = p.parse_args(argv)
@@ -36,7 +41,7 @@ def parse(argv: list[str] | None):
         if value is not None:
             ev = replace(ev, **{field: value})
     opts = Options(out=a.out, quick=a.quick, data=a.data, eval=ev, overrides=list(a.overrides), nproc=a.nproc,
-                   threads=a.threads)
+                   threads=a.threads, peft=tuple(m for m in a.peft.split(",") if m))
     return opts, a.strict
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dynamic import SlicedWeights, UnitSelection
+from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
 from models.kernels.depthwise_conv import depthwise_conv2d
 from models.kernels.dispatch import get_ops
 from models.kernels.reference import autocast_off
@@ -43,7 +43,7 @@ class _MultiHeadProjections(nn.Module):
         else:
             params = (self.qkv.weight, self.qkv.bias)
             w, bias = self._qkv_slices.get(heads, params, lambda: self._slice_qkv(heads))
-            qkv = F.linear(x, w, bias)
+            qkv = sliced_linear(self.qkv, x, w, bias, rows=self._qkv_rows(heads))
             h = heads.index.numel()
         # Split on the (b, n, 3, h, d) view and transpose each: the backward's stack of dq, dk, dv
         # then lands directly in qkv's layout (a permute-then-unbind would add a full copy).
@@ -53,14 +53,18 @@ class _MultiHeadProjections(nn.Module):
     def _out(self, o: torch.Tensor, head_mask: torch.Tensor | None, heads: UnitSelection | None) -> torch.Tensor:
         return merge_heads(o, self.proj, self._proj_slices, head_mask, heads)
 
+    def _qkv_rows(self, heads: UnitSelection) -> torch.Tensor:
+        """Rows of the fused qkv layer for the selected heads (their q, k and v parts)."""
+        return heads.rows(self.head_dim, copies=3, stride=self.dim)
+
     def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the fused qkv weight and bias for the selected heads (their q, k and v parts)."""
-        return _rows(self.qkv, heads.rows(self.head_dim, copies=3, stride=self.dim))
+        return _rows(self.qkv, self._qkv_rows(heads))
 
 
 def merge_heads(o: torch.Tensor, proj: nn.Linear, slices: SlicedWeights, head_mask: torch.Tensor | None,
                 heads: UnitSelection | None) -> torch.Tensor:
-    """Merge heads (B, N, h, d) → (B, N, D) through `proj`, masking or slicing heads.
+    """Merge heads (B, N, h, d) → (B, N, D) through `proj`, masking or slicing heads (and an adapter's
+    columns with them: `sliced_linear`).
 
     Heads arrive token-major: SDPA's CPU and CUDA kernels already lay their output out that way,
     and LiT builds it so, so the merge is a view rather than a transposing copy.
@@ -73,8 +77,9 @@ def merge_heads(o: torch.Tensor, proj: nn.Linear, slices: SlicedWeights, head_ma
     o = o.reshape(b, n, h * d)
     if heads is None or heads.full:
         return proj(o)
-    (w,) = slices.get(heads, (proj.weight,), lambda: (proj.weight.index_select(1, heads.rows(d)),))
-    return F.linear(o, w, proj.bias)
+    cols = heads.rows(d)
+    (w,) = slices.get(heads, (proj.weight,), lambda: (proj.weight.index_select(1, cols),))
+    return sliced_linear(proj, o, w, proj.bias, cols=cols)
 
 
 class SoftmaxAttention(_MultiHeadProjections):
@@ -249,7 +254,8 @@ class CrossAttention(nn.Module):
             wq, bq = self._q_slices.get(heads, (self.q_linear.weight, self.q_linear.bias), lambda: _rows(self.q_linear, heads.rows(d)))
             wkv, bkv = self._kv_slices.get(heads, (self.kv_linear.weight, self.kv_linear.bias),
                                            lambda: _rows(self.kv_linear, heads.rows(d, copies=2, stride=self.dim)))
-            q, kv = F.linear(x, wq, bq), F.linear(context, wkv, bkv)
+            q = sliced_linear(self.q_linear, x, wq, bq, rows=heads.rows(d))
+            kv = sliced_linear(self.kv_linear, context, wkv, bkv, rows=heads.rows(d, copies=2, stride=self.dim))
         else:
             h = self.num_heads
             q, kv = self.q_linear(x), self.kv_linear(context)

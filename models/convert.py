@@ -42,6 +42,11 @@ def load_pretrained(path: str | os.PathLike, *, prefer: str = "ema", **overrides
     evaluation expect it); the trainer places teachers through `read_checkpoint(lazy=True)` instead,
     keeping the stored dtype.
     """
+    from models.lora.files import adapters_in, load_adapted
+
+    layout = adapters_in(path)
+    if layout is not None:  # an exported student that keeps its (TD-)LoRA adapters as runtime modules
+        return load_adapted(path, layout, **overrides)
     ckpt = read_checkpoint(path, prefer=prefer, **overrides)
     family = family_of(ckpt.config)
     # Built on the meta device and given the file's tensors: no random init of a large model only to
@@ -79,6 +84,12 @@ def read_checkpoint(path: str | os.PathLike, *, prefer: str = "ema", lazy: bool 
 
     `lazy=True`: the state dict's values are lazy tensors (`models.lazy`; small computed ones may be
     plain tensors) and no weight is read beyond what the converter must compare."""
+    from models.lora.files import adapters_in
+
+    if adapters_in(path) is not None:
+        raise CheckpointError(f"{path} holds LoRA/TD-LoRA adapters beside its base weights: load it with "
+                              "models.load_pretrained, or export the run with --merge-lora for plain weights "
+                              "(plain LoRA only: TD-LoRA's update depends on the timestep)")
     raw = read_any(path, prefer, lazy=lazy)
     family = detect_family(raw)
     known = set(getattr(family.config_cls, "__dataclass_fields__", {}))
@@ -106,8 +117,10 @@ def read_config(path: str | os.PathLike, *, prefer: str = "ema", **overrides: An
     return read_checkpoint(path, prefer=prefer, lazy=True, **overrides).config
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], cfg: Any, path: str | os.PathLike) -> None:
-    """Write our names with the family and config in the metadata, atomically (temp file, then rename)."""
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], cfg: Any, path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write our names with the family and config (and `metadata`) in the metadata, atomically (temp file,
+    then rename)."""
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -117,7 +130,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], cfg: Any, path: str
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = out.with_name(out.name + ".tmp")
     meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg.to_dict(), sort_keys=True),
-            FAMILY_METADATA_KEY: family_of(cfg).name}
+            FAMILY_METADATA_KEY: family_of(cfg).name, **(metadata or {})}
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, out)
 

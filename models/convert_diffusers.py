@@ -167,3 +167,24 @@ def config_from_diffusers(cfg: Mapping[str, Any], source: str) -> dict[str, Any]
         "class_dropout_prob": 0.1,  # diffusers' LabelEmbedding always has the null row
         "learn_sigma": out_ch == 2 * in_ch,
     }
+
+
+def diffusers_linear_names(depth: int, hidden: int) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """Our DiT linear layers → diffusers `DiTTransformer2DModel` modules (the inverse of the renames above):
+    `attn.qkv` splits by rows into `to_q`, `to_k`, `to_v`; the shared timestep embedder maps onto every
+    block's copy. For exporting LoRA adapters in diffusers' layout (`models/lora/diffusers_format.py`)."""
+    d = hidden
+    out: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    inverse = {ours: theirs for theirs, ours in _BLOCK_RENAMES.items()}
+    for i in range(depth):
+        blk = f"transformer_blocks.{i}"
+        out[f"blocks.{i}.attn.qkv"] = [(f"{blk}.attn1.to_{x}", (k * d, (k + 1) * d)) for k, x in enumerate("qkv")]
+        for ours, theirs in inverse.items():
+            out[f"blocks.{i}.{ours}"] = [(f"{blk}.{theirs}", None)]
+    for theirs, ours in _TOP_RENAMES.items():
+        if ours != "x_embedder.proj":  # a convolution, never adapted
+            out[ours] = [(theirs, None)]
+    for theirs, ours in _EMB_RENAMES.items():
+        if ours.startswith("t_embedder."):
+            out[ours] = [(f"transformer_blocks.{i}.{_EMB}{theirs}", None) for i in range(depth)]
+    return out

@@ -14,6 +14,7 @@ import torch
 
 from models.config import PATCHES, SIZES, DiTConfig
 from models.dit import DiT
+from models.convert_diffusers import diffusers_linear_names
 from models.dit_convert import describe, dit_checkpoint, looks_like_dit
 from models.family import CLASS_LABELS, Checkpoint, ConditionSpec, ModelFamily, register_family
 from models.flops import block_cost, embed_cost, realised_flops, static_flops
@@ -87,6 +88,9 @@ class DiTFamily(ModelFamily):
 
     def inherit_exclude(self, teacher_cfg: DiTConfig, student_cfg: DiTConfig) -> list[str]:
         return attention_exclude(teacher_cfg, student_cfg, ("blocks.*.attn.qkv.*", "blocks.*.attn.proj.*"))
+
+    def diffusers_linear_names(self, cfg: DiTConfig) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+        return diffusers_linear_names(cfg.depth, cfg.hidden_size)
 
     def check_pair(self, student_cfg: DiTConfig, teacher_cfg: DiTConfig) -> None:
         for key in ("input_size", "in_channels", "learn_sigma", "num_classes", "patch_size"):

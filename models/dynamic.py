@@ -10,10 +10,13 @@ Parameter names follow alibaba-damo-academy/DyDiT (`attn_rate.router`, `mlp_rate
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.rng import counter_logistic
@@ -321,10 +324,12 @@ def token_routed_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, 
     index = keep.nonzero().squeeze(1)
     if index.numel() == 0:
         return x
+    samples = torch.div(index, n, rounding_mode="floor")
     unit_mask = None
     if groups is not None and groups.mask is not None:
-        unit_mask = groups.mask.index_select(0, torch.div(index, n, rounding_mode="floor"))
-    y = mlp(ops.gather_tokens(h, index), unit_mask=unit_mask, groups=groups)
+        unit_mask = groups.mask.index_select(0, samples)
+    with rows_from_samples(samples):
+        y = mlp(ops.gather_tokens(h, index), unit_mask=unit_mask, groups=groups)
     return ops.scatter_add_tokens(x, index, y, gate)
 
 
@@ -357,3 +362,34 @@ def clear_inference_caches(model: nn.Module) -> None:
             for cache in (value.values() if isinstance(value, dict) else (value,)):
                 if isinstance(cache, (SlicedWeights, WidthPlanCache)):
                     cache.clear()
+
+
+# --- per-sample layers inside gathered tokens, and adapters on sliced weights -----------------------
+_ROW_SAMPLES: ContextVar[torch.Tensor | None] = ContextVar("row_samples", default=None)
+
+
+@contextmanager
+def rows_from_samples(samples: torch.Tensor) -> Iterator[None]:
+    """Within this context, 2-D activations are tokens gathered from the flattened batch and row i came
+    from sample `samples[i]`: a layer conditioned per sample (a TD-LoRA gate on the sample's timestep)
+    reads it through `row_samples()`. Set by `token_routed_residual` around the MLP it runs."""
+    token = _ROW_SAMPLES.set(samples)
+    try:
+        yield
+    finally:
+        _ROW_SAMPLES.reset(token)
+
+
+def row_samples() -> torch.Tensor | None:
+    """The sample of each gathered row (see `rows_from_samples`), or None outside a gathered call."""
+    return _ROW_SAMPLES.get()
+
+
+def sliced_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` where `weight`/`bias` are `layer`'s output `rows` / input `cols`
+    (the sliced path), plus the layer's low-rank adapter, if it has one (`models/lora`), restricted to
+    the same rows and columns — so skipped heads and channel groups cost the adapter nothing either."""
+    y = F.linear(x, weight, bias)
+    delta = getattr(layer, "lora_delta", None)
+    return y if delta is None else y + delta(x, rows=rows, cols=cols)

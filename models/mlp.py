@@ -9,10 +9,9 @@ FLUX's `img_mlp` / `txt_mlp`). Both run `grouped_mlp`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.dynamic import SlicedWeights, UnitSelection
+from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
 
 
 def sliced_weights(fc1: nn.Linear, fc2: nn.Linear, group_size: int, groups: UnitSelection) -> tuple[torch.Tensor, ...]:
@@ -29,14 +28,15 @@ def grouped_mlp(fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, group_size: int,
     if sliced:
         params = (fc1.weight, fc1.bias, fc2.weight)
         w1, b1, w2 = slices.get(groups, params, lambda: sliced_weights(fc1, fc2, group_size, groups))
-        h = F.linear(x, w1, b1)
+        rows = groups.rows(group_size)
+        h = sliced_linear(fc1, x, w1, b1, rows=rows)  # + an adapter's rows (models/lora), if any
     else:
         h = fc1(x)
     if unit_mask is not None:
         h = h * unit_mask.repeat_interleave(group_size, dim=-1).to(h.dtype)
     h = act(h)
     if sliced:
-        return F.linear(h, w2, fc2.bias)
+        return sliced_linear(fc2, h, w2, fc2.bias, cols=rows)
     return fc2(h)
 
 

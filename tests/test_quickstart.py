@@ -68,6 +68,28 @@ def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731
     assert strip(json.loads((out / "report.json").read_text())["rows"]) == strip(report["rows"])
 
+    # --peft: the finished stages are reused, each student is distilled again with adapters on its frozen
+    # base and compared with its full fine-tune (plain LoRA exported merged, TD-LoRA kept at runtime)
+    fourth = quickstart(out, "--peft", "lora,tdlora")
+    assert_ok(fourth)
+    assert "[quickstart] dydit: reusing" in fourth.stdout
+    peft = json.loads((out / "report.json").read_text())
+    rows = {r["model"]: r for r in peft["rows"]}
+    variants = [f"{s}-{m}" for m in ("lora", "tdlora") for s in MODELS[1:]]
+    assert list(rows) == [*MODELS, *variants]
+    from models import load_pretrained
+    from models.lora import lora_layers
+
+    for name in variants:
+        full, method = name.split("-")
+        assert rows[name]["peft"] == method and 0 < rows[name]["trainable_params"] < rows[full]["trainable_params"]
+        assert rows[name]["trainable_vs_full"] == rows[name]["trainable_params"] / rows[full]["trainable_params"]
+        assert rows[name]["accuracy_vs_full"] == pytest.approx(rows[name]["accuracy"] / max(rows[full]["accuracy"], 1e-9))
+        assert rows[name]["sample_time_s"] is None  # scored, not timed
+        assert bool(lora_layers(load_pretrained(out / name / "export" / "ema.safetensors"))) == (method == "tdlora")
+    assert {"dydit-tdlora_accuracy_ge_0.9x_full", "dydit-tdlora_trainable_le_0.1x_full"} <= set(peft["bars"])
+    assert "| dydit | tdlora |" in fourth.stdout
+
 
 def test_other_settings_into_a_used_directory_are_refused(tmp_path):
     out = tmp_path / "qs"

@@ -120,6 +120,7 @@ class ToyFamily(ModelFamily):
     name = NAME
     config_cls = ToyConfig
     block_prefixes = ("encoder.", "decoder.")
+    timestep_module = "time"
 
     def names(self) -> list[str]:
         return [f"{NAME.split(':')[0]}:{p}toy-{s}" for p in ("", "lit-") for s in SIZES]

@@ -124,7 +124,10 @@ def build_student(cfg: RunConfig, teacher: Checkpoint | None) -> tuple[nn.Module
     """The student, randomly initialised on the CPU with the current RNG (the same on every rank and at
     every world size), and the plan of what it inherits (`student.init`: from the teacher's weights, or
     from `student.init_path`), checked by shape but not yet copied: the engine fills it after placing
-    the student, each rank its own rows."""
+    the student, each rank its own rows. With `peft`, the adapters are in and the inherited base is
+    frozen (trainer/peft.py); the adapted layers keep the base's names, so the plan fills them alike."""
+    from trainer.peft import apply_peft
+
     model = build_model(student_config(cfg))
     init = cfg.student.init
     if init == "random":
@@ -137,7 +140,9 @@ def build_student(cfg: RunConfig, teacher: Checkpoint | None) -> tuple[nn.Module
     exclude = cfg.student.inherit_exclude
     if exclude is None:
         exclude = default_exclude(source.config, model.config)
-    return model, plan_inheritance(model, source.state_dict, exclude)
+    plan = plan_inheritance(model, source.state_dict, exclude)
+    apply_peft(cfg, model, plan)  # adapters and a frozen base with `peft`; nothing without
+    return model, plan
 
 
 def teacher_placement(teacher: nn.Module) -> str:

@@ -81,6 +81,22 @@ class DynamicConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient distillation (models/lora): adapters on the inherited base, which stays frozen."""
+
+    method: str = "none"  # none (full fine-tuning) | lora | tdlora (K LoRA experts gated by the timestep)
+    rank: int = 8  # LoRA rank R; TD-LoRA: the total over its experts (R/experts each): equal rank, equal adapter size
+    alpha: Optional[float] = None  # the update is scaled by alpha/rank; null: alpha = rank (scale 1)
+    experts: int = 4  # tdlora: K experts per adapted layer
+    targets: List[str] = field(default_factory=lambda: ["attention", "mlp", "adaLN"])  # the family's parameter groups to adapt
+    modules: List[str] = field(default_factory=list)  # module-name patterns to adapt instead (e.g. blocks.*.attn.qkv)
+    exclude: List[str] = field(default_factory=list)  # module-name patterns never adapted
+    # parameter patterns trained fully (no adapter) beside what the student did not inherit (its LiT
+    # attention and DWC, its routers: those always train fully), e.g. [final_layer.*]
+    train: List[str] = field(default_factory=list)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -150,6 +166,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -170,6 +187,7 @@ CHOICES = {
     "diffusion.timestep_sampling": ("uniform", "stratified", "logit_normal"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "dynamic.warmup_schedule": ("official", "continuous"),
+    "peft.method": ("none", "lora", "tdlora"),
     "optim.fused": ("auto", "torch", "apex", "none"),
     "engine.kind": ("auto", "single", "ddp", "fsdp", "deepspeed"),
     "engine.mixed_precision": ("auto", "fp32", "bf16"),
@@ -272,11 +290,29 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.student.init == "path":
         if not cfg.student.init_path or not Path(cfg.student.init_path).exists():
             raise _fail("student.init_path", cfg.student.init_path, "an existing checkpoint when student.init=path")
+    _validate_peft(cfg, kind)
     try:
         cfg.data.validate(world_size=max(world_size, 1))
     except ValueError as e:
         raise ConfigError(f"config data: {e}") from e
     return cfg
+
+
+def _validate_peft(cfg: RunConfig, engine_kind: str) -> None:
+    if cfg.peft.method == "none":
+        return
+    from trainer.peft import lora_spec
+
+    try:
+        lora_spec(cfg).validate()
+    except ValueError as e:
+        raise ConfigError(f"config {e}") from e
+    if cfg.student.init == "random":
+        raise _fail("student.init", "random", f"peft.method={cfg.peft.method} adapts inherited weights, which stay frozen; "
+                    "use student.init=inherit (or path), or peft.method=none to train from scratch")
+    if engine_kind == "deepspeed":
+        raise _fail("peft.method", cfg.peft.method, "not supported with engine.kind=deepspeed (its checkpoints hold the "
+                    "whole model); use engine.kind=fsdp, which shards the frozen base and saves only the adapters")
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> ConfigError:

@@ -49,13 +49,29 @@ def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
     raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(reasons)}" if reasons else ""))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None) -> dict[str, Path]:
-    """Write `student.safetensors` and `ema.safetensors`; returns their paths."""
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None,
+               merge_lora: bool = False, diffusers_lora: bool = False) -> dict[str, Path]:
+    """Write `student.safetensors` and `ema.safetensors`; returns their paths.
+
+    A PEFT run (`peft.method`) is rebuilt from its base (the teacher or init file, which must be where
+    the run's config says) and its trainable tensors: by default the adapters are kept (the file loads
+    back through `models.load_pretrained` as trained); `merge_lora` folds plain LoRA into the weights
+    (TD-LoRA stays a runtime module: its update depends on t); `diffusers_lora` also writes the plain
+    LoRA adapters in diffusers' `load_lora_weights` layout (`<out>/<name>_lora/`)."""
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, step)
     cfg = read_run_config(run_dir, ckpt)
     mcfg = student_config(cfg)
-    fmt = (read_manifest(ckpt) or {}).get("format", "dcp")
+    manifest = read_manifest(ckpt) or {}
+    fmt = manifest.get("format", "dcp")
+    if manifest.get("peft"):
+        if fmt != "dcp":
+            raise CheckpointError(f"{ckpt}: a PEFT checkpoint in the {fmt!r} format is not supported")
+        return _export_peft(cfg, ckpt, manifest, Path(out_dir) if out_dir is not None else ckpt, merge_lora,
+                            diffusers_lora)
+    if merge_lora or diffusers_lora:
+        raise CheckpointError(f"{ckpt} was trained without peft (peft.method=none): it has no LoRA adapters to "
+                              "merge or export; drop --merge-lora / --diffusers-lora")
     if fmt == "dcp":
         student, ema = build_model(mcfg), build_model(mcfg)
         state = {"engine": {"student": student.state_dict(), "ema": ema.state_dict()}}
@@ -89,3 +105,44 @@ def _deepspeed_tensors(ckpt: Path, template) -> dict[str, dict]:
         if missing:
             raise CheckpointError(f"{ckpt}: the DeepSpeed checkpoint lacks {name} tensors {sorted(missing)[:5]}")
     return {"student": student, "ema": ema}
+
+
+def _export_peft(cfg: RunConfig, ckpt: Path, manifest: dict, out: Path, merge_lora: bool,
+                 diffusers_lora: bool) -> dict[str, Path]:
+    """Rebuild the base exactly as training did, check it is the checkpoint's, load the trainable tensors."""
+    import copy
+
+    import torch
+
+    from models.lora import merge_lora as merge
+    from models.lora.diffusers_format import save_diffusers_lora
+    from models.lora.files import save_adapted
+    from trainer.build import build_student, open_teacher
+    from trainer.peft import base_identity, check_base, trainable_names
+
+    for key, path in (("teacher.path", cfg.teacher.path if cfg.teacher else None),
+                      ("student.init_path", cfg.student.init_path if cfg.student.init == "path" else None)):
+        if path is not None and not Path(path).exists():
+            raise CheckpointError(f"{ckpt} holds adapters on a base inherited from {key}={path}, which does not exist "
+                                  "here: the base is not in the checkpoint; put that file there to export")
+    source = open_teacher(cfg)  # lazy: only the inherited (frozen or trainable) tensors are read
+    student, plan = build_student(cfg, source.checkpoint if source is not None else None)
+    if plan is not None:
+        plan.apply(student)
+    check_base(manifest, base_identity(cfg, student, source.identity if source is not None else {}), ckpt)
+    ema = copy.deepcopy(student)
+    names = trainable_names(student)
+    state = {"engine": {name: {k: v for k, v in m.state_dict().items() if k in names}
+                        for name, m in (("student", student), ("ema", ema))}}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)  # in place: the tensors are the modules' own
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, model in (("student", student), ("ema", ema)):
+        if diffusers_lora:
+            paths[f"{name}_lora"] = save_diffusers_lora(model, out / f"{name}_lora")
+        if merge_lora:
+            merge(model)
+        paths[name] = out / f"{name}.safetensors"
+        with torch.no_grad():
+            save_adapted(model, paths[name])
+    return paths

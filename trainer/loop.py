@@ -30,6 +30,7 @@ from trainer.engines import build_engine
 from trainer.evaluate import router_map, sample_images
 from trainer.faults import Faults
 from trainer.monitor import Monitor, peak_memory_gb
+from trainer import peft
 from trainer.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from trainer.step import DistillStep, Stopwatch, teacher_needed
 from trainer.watchdog import StallWatchdog
@@ -94,6 +95,8 @@ def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
 
     faults = Faults.from_env()  # test-only fault injection; inert unless DITILL_DEBUG_FAULTS is set
     identity = {"config_hash": config_hash(cfg), "teacher": teacher_id or None}
+    if peft.enabled(cfg):  # checkpoints hold the trainable tensors; this names the frozen base they adapt
+        identity["peft"] = peft.base_identity(cfg, engine.raw_student, teacher_id)
     ckpt = Checkpointer(
         run_dir, env, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.checkpoint.async_save, identity=identity, config_yaml=to_yaml(cfg),
@@ -101,7 +104,7 @@ def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
     )
     app = engine.checkpoint_state()
     state = {"step": 0, "nonfinite_in_a_row": 0, "skipped_steps": 0}
-    start = _resume(cfg, env, ckpt, app, state, loader, teacher_id)
+    start = _resume(cfg, env, ckpt, app, state, loader, teacher_id, identity.get("peft"))
 
     monitor = Monitor(run_dir, env, cfg.train.steps, start)
     monitor.text(
@@ -110,6 +113,7 @@ def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
         f"teacher={'none' if engine.teacher is None else f'{cfg.teacher.path} ({teacher_placement(engine.teacher)})'} "
         f"start_step={start}"
         + (f" inherit: {report.summary()}" if report else "")
+        + (f" peft={cfg.peft.method}: {peft.peft_summary(engine.raw_student)}" if peft.enabled(cfg) else "")
         + (" (the teacher served inheritance only: no loss reads it, so it is not run)" if inherit_only else "")
     )
     watchdog = StallWatchdog(cfg.engine.collective_timeout_s, run_dir, env.rank)
@@ -194,7 +198,7 @@ def _count_nonfinite(cfg, monitor: Monitor, ckpt: Checkpointer, state, step: int
         )
 
 
-def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id) -> int:
+def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id, base_id=None) -> int:
     request = str(cfg.checkpoint.resume)
     path = ckpt.find_resume(request)
     if path is None:
@@ -206,6 +210,7 @@ def _resume(cfg, env, ckpt: Checkpointer, app, state, loader, teacher_id) -> int
         return 0
     manifest = ckpt.manifest(path)
     check_teacher(manifest, teacher_id, bool(cfg.teacher and cfg.teacher.allow_changed), path)
+    peft.check_base(manifest, base_id, path)
     saved_cfg = ckpt.saved_config(path)
     if env.is_main and saved_cfg is not None and manifest.get("config_hash") != config_hash(cfg):
         changes = config_changes(saved_cfg, to_yaml(cfg))

@@ -5,7 +5,9 @@ an interrupted training stage resumes from its last checkpoint):
 
 1. `shards`     (only with `data != digits`) the digits written as webdataset / MDS shards
 2. `teacher`    a small DiT trained from scratch (`configs/quickstart/teacher.yaml`), EMA exported
-3. `lit`, `dydit`, `dylit`  students distilled from the teacher's EMA (`configs/quickstart/<name>.yaml`)
+3. `lit`, `dydit`, `dylit`  students distilled from the teacher's EMA (`configs/quickstart/<name>.yaml`);
+                with `--peft lora,tdlora` also `<student>-lora`, `<student>-tdlora`: the same recipes with
+                adapters on the frozen inherited base (`PEFT_OVERRIDES`), compared with the full fine-tunes
 4. `classifier` a CNN on the real digits (`trainer.digits_eval`)
 5. `eval/<m>`   fixed-seed class-conditional samples of each model: accuracy, Fréchet distance, the
                 realised FLOPs of what actually ran, a PNG grid
@@ -51,6 +53,15 @@ QUICK_OVERRIDES = [
 ]
 QUICK_DYNAMIC = ["dynamic.warmup_steps=4", "dynamic.hold_steps=0"]
 
+# --peft lora|tdlora: each student again with adapters on its frozen inherited base (models/lora), same
+# recipe otherwise (steps, lr, routers, λ), so a row compares with the full fine-tune above it. Rank 8
+# on attention, MLP and adaLN keeps a DyDiT student's trainable parameters (adapters + routers) under
+# 10% of its full fine-tune's; TD-LoRA splits the same rank into 4 experts of rank 2 (equal adapter
+# size, plus 4 gates of 129 parameters per layer). alpha 16 (scale 2): with Adam the scale acts as
+# the adapters' learning rate, and 300 steps are few.
+PEFT_METHODS = ("lora", "tdlora")
+PEFT_OVERRIDES = ["peft.rank=8", "peft.alpha=16", "peft.experts=4"]
+
 
 class QuickstartError(RuntimeError):
     """A stage cannot run: its directory holds another configuration's work, or its training failed."""
@@ -82,12 +93,26 @@ class Options:
     overrides: list[str] = field(default_factory=list)  # extra key=value for every training stage
     nproc: int = 0  # training processes (DDP ranks); 0 = default_nproc()
     threads: int = 1  # torch threads of every process (each training rank, and this one)
+    peft: tuple[str, ...] = ()  # also train each student with these adapters (stages <student>-<method>)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).absolute()
         self.nproc = self.nproc or default_nproc(self.quick)
         if self.data not in DATA_FORMATS:
             raise ValueError(f"data={self.data!r} is not one of {DATA_FORMATS}")
+        bad = [m for m in self.peft if m not in PEFT_METHODS]
+        if bad:
+            raise ValueError(f"peft={bad[0]!r} is not one of {PEFT_METHODS}")
+
+    def models(self) -> list[str]:
+        """Every model the run trains and scores: the teacher, the students, their PEFT variants."""
+        return [*MODELS, *(f"{s}-{m}" for m in self.peft for s in STUDENTS)]
+
+
+def recipe(name: str) -> tuple[str, str | None]:
+    """(stage config in configs/quickstart, PEFT method or None) of a stage: `dydit-tdlora` → (dydit, tdlora)."""
+    base, _, method = name.partition("-")
+    return base, method or None
 
 
 def _log(msg: str) -> None:
@@ -136,18 +161,21 @@ def weights_path(opts: Options, name: str) -> Path:
 
 def stage_overrides(name: str, opts: Options, shards: Path | None) -> list[str]:
     """What the pipeline changes in `configs/quickstart/<name>.yaml`: where things live (and --quick)."""
+    base, method = recipe(name)
     overrides = [f"run_dir={opts.out / name}"]
     if name != "teacher":
         overrides.append(f"teacher.path={weights_path(opts, 'teacher')}")
     if shards is not None:
         overrides += [f"data.format={opts.data}", f"data.path={shards}"]
     if opts.quick:
-        overrides += QUICK_OVERRIDES + (QUICK_DYNAMIC if name in ("dydit", "dylit") else [])
+        overrides += QUICK_OVERRIDES + (QUICK_DYNAMIC if base in ("dydit", "dylit") else [])
+    if method is not None:
+        overrides += [f"peft.method={method}", *PEFT_OVERRIDES]
     return overrides + opts.overrides
 
 
 def stage_config(name: str, opts: Options, shards: Path | None) -> RunConfig:
-    return load_config(CONFIG_DIR / f"{name}.yaml", stage_overrides(name, opts, shards), world_size=1)
+    return load_config(CONFIG_DIR / f"{recipe(name)[0]}.yaml", stage_overrides(name, opts, shards), world_size=1)
 
 
 def _stage_key(cfg: RunConfig, teacher_digest: str | None) -> str:
@@ -159,6 +187,8 @@ def _stage_key(cfg: RunConfig, teacher_digest: str | None) -> str:
     if d.get("teacher"):
         d["teacher"].pop("path", None)
     d["data"].pop("path", None)
+    if d.get("peft", {}).get("method") == "none":
+        d.pop("peft")  # full fine-tuning: stages made before the peft keys existed stay valid
     d["teacher_digest"] = teacher_digest
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -199,7 +229,7 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
     from trainer.export import export_run
 
     overrides = stage_overrides(name, opts, shards)
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml", overrides, world_size=1)  # fails here, before any launch
+    cfg = stage_config(name, opts, shards)  # fails here, before any launch
     stage_dir = opts.out / name
     weights = weights_path(opts, name)
     teacher_digest = None if name == "teacher" else weights_digest(weights_path(opts, "teacher"))
@@ -229,22 +259,40 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
             _log(f"{name}: error: {e}")
             code = 1
     else:
-        code = launch_train(name, opts, overrides)
+        code = launch_train(recipe(name)[0], opts, overrides)
     if code != 0:
         raise QuickstartError(f"training stage {name!r} failed (exit code {code}); run the same command again to "
                               f"resume it from its last checkpoint in {stage_dir / 'checkpoints'}")
     train_s = time.perf_counter() - t0
-    paths = export_run(stage_dir, stage_dir / "export")
+    # plain LoRA is folded into the weights (deployed so, it samples as fast as the full fine-tune);
+    # TD-LoRA's timestep-dependent update stays a runtime module
+    paths = export_run(stage_dir, stage_dir / "export", merge_lora=cfg.peft.method == "lora")
     last = _last_metrics(stage_dir / "metrics.jsonl")
     stamp = {
         "key": key, "status": "done", "steps": int(last.get("step", cfg.train.steps)), "train_s": train_s,
         "weights": str(paths["ema"]), "model": cfg.student.model, "args": dict(cfg.student.args),
         "flops_target": cfg.dynamic.flops_target if student_config(cfg).dynamic else None,
+        "peft": cfg.peft.method, "trainable_params": trainable_params(stage_dir, cfg),
         "nproc": opts.nproc, "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "flops/"))},
     }
     _write_json(stamp_path, stamp)
     _log(f"{name}: {stamp['steps']} steps in {train_s:.0f}s; exported EMA to {paths['ema']}")
     return {**stamp, "reused": False}
+
+
+def trainable_params(stage_dir: Path, cfg: RunConfig) -> int:
+    """Parameters the stage trained: a PEFT run's manifest counts them; otherwise the whole student."""
+    from trainer.export import checkpoint_dir
+    from trainer.manifest import read_manifest
+
+    peft = (read_manifest(checkpoint_dir(stage_dir)) or {}).get("peft")
+    if peft:
+        return int(peft["trainable_params"])
+    from models import build_model
+    from trainer.build import student_config
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(student_config(cfg)).parameters())
 
 
 def _last_metrics(path: Path) -> dict:
@@ -382,7 +430,7 @@ def evaluate_all(weights: dict[str, Path], opts: Options, classifier, reference)
         return eval_stage(name, weights[name], opts, classifier, reference)
 
     with ThreadPoolExecutor(max_workers=max(1, opts.nproc)) as pool:
-        futures = {n: pool.submit(task, n) for n in MODELS}
+        futures = {n: pool.submit(task, n) for n in opts.models()}
         return {n: f.result() for n, f in futures.items()}
 
 
@@ -400,14 +448,14 @@ def timing_stage(weights: dict[str, Path], opts: Options) -> dict:
 
     ev = opts.eval
     path = opts.out / "eval" / "timing.json"
-    key = {"weights_digest": {n: weights_digest(w) for n, w in weights.items()}, "settings": asdict(ev),
+    key = {"weights_digest": {n: weights_digest(weights[n]) for n in MODELS}, "settings": asdict(ev),
            "threads": torch.get_num_threads()}
     saved = _read_json(path)
     if saved is not None and saved.get("key") == key:
         _log(f"timing: reusing {path}")
         return {**saved, "reused": True}
     objective = build_objective(read_run_config(opts.out / "teacher"))
-    models = {n: load_pretrained(w) for n, w in weights.items()}
+    models = {n: load_pretrained(weights[n]) for n in MODELS}  # PEFT variants are scored, not timed
     noise, labels = fixed_batch(models["teacher"], ev.timing_batch, ev.seed + 1)
     for m in models.values():
         generate(m, objective, noise, labels, ev, steps=min(ev.steps, 3))  # warm-up: same shapes
@@ -440,11 +488,11 @@ def run(opts: Options) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     shards = write_shards(opts)
     stages = {"teacher": train_stage("teacher", opts, shards)}
-    for name in STUDENTS:
+    for name in opts.models()[1:]:
         stages[name] = train_stage(name, opts, shards)
     classifier, classifier_info = classifier_stage(opts)
     reference = real_stats(classifier)
-    weights = {n: weights_path(opts, n) for n in MODELS}
+    weights = {n: weights_path(opts, n) for n in opts.models()}
     evals = evaluate_all(weights, opts, classifier, reference)
     timing = timing_stage(weights, opts)
     floor = real_floor(classifier, opts.eval.samples, reference, seed=opts.eval.seed)

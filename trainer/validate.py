@@ -42,8 +42,26 @@ def validate_models(cfg: RunConfig) -> None:
                 raise ConfigError(f"{e} (teacher {source})") from e
         if key == "student.init_path" or cfg.student.init == "inherit":
             _inheritable(cfg, student, other, key, source)
+            _peft(cfg, student, other)
     _guidance(cfg, student, teacher)
     _features(cfg, student, teacher)
+
+
+def _peft(cfg: RunConfig, student: Any, source_cfg: Any) -> None:
+    """The adapters fit: inheritance and `peft.*` applied to meta-device models (no weights), so a pattern
+    that selects nothing fails here, not after the process group and the teacher are up."""
+    if cfg.peft.method == "none":
+        return
+    from models.inherit import plan_inheritance
+    from trainer.peft import apply_peft
+
+    family = family_of(student)
+    with torch.device("meta"):
+        model = family.build(student)
+        source = family_of(source_cfg).build(source_cfg).state_dict()
+    exclude = cfg.student.inherit_exclude
+    plan = plan_inheritance(model, source, family.inherit_exclude(source_cfg, student) if exclude is None else exclude)
+    apply_peft(cfg, model, plan)
 
 
 def _guidance(cfg: RunConfig, student: Any, teacher: Any | None) -> None:

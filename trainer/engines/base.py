@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -100,6 +101,10 @@ class TorchEngine(Engine):
     """Shared logic of the engines that drive a torch optimizer themselves."""
 
     def _finish_setup(self, ema_module: nn.Module | None) -> None:
+        # with `peft` the frozen base is in no optimizer and no checkpoint: only these tensors are
+        self.trainable: set[str] | None = None
+        if self.cfg.peft.method != "none":
+            self.trainable = {n for n, p in self.raw_student.named_parameters() if p.requires_grad}
         groups = param_groups(self.student.named_parameters(), self.cfg.dynamic.router_lr_mult)
         self.optimizer = build_optimizer(groups, self.cfg.optim, self.env.device)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
@@ -107,7 +112,10 @@ class TorchEngine(Engine):
             self.ema = EMA(self.student, ema_module, self.cfg.ema)
 
     def make_ema_copy(self, raw: nn.Module) -> nn.Module:
-        ema = copy.deepcopy(raw)
+        """A copy of the student for the EMA. Frozen parameters (a PEFT student's base) never move, so the
+        copy shares them instead of holding a second base (FSDP2 still shards each module's own copy)."""
+        frozen = {id(p): p for p in raw.parameters() if not p.requires_grad}
+        ema = copy.deepcopy(raw, memo=frozen)
         ema.requires_grad_(False)
         ema.eval()
         return ema
@@ -137,20 +145,25 @@ class TorchEngine(Engine):
     def state_dict(self) -> dict[str, Any]:
         """FQN-keyed state (sharded DTensors under FSDP2), so a checkpoint reshards on load."""
         sd: dict[str, Any] = {
-            "student": get_model_state_dict(self.student),
+            "student": self._trainable_only(get_model_state_dict(self.student)),
             "optim": get_optimizer_state_dict(self.student, self.optimizer),
             "sched": self.scheduler.state_dict(),
         }
         if self.ema is not None:
-            sd["ema"] = get_model_state_dict(self.ema.module)
+            sd["ema"] = self._trainable_only(get_model_state_dict(self.ema.module))
         return sd
 
+    def _trainable_only(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """With `peft`: the trainable tensors alone (the manifest names the frozen base they adapt)."""
+        return sd if self.trainable is None else {k: v for k, v in sd.items() if k in self.trainable}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.student, state["student"])
+        opts = StateDictOptions(strict=self.trainable is None)  # PEFT: the base stays as rebuilt
+        set_model_state_dict(self.student, state["student"], options=opts)
         set_optimizer_state_dict(self.student, self.optimizer, state["optim"])
         self.scheduler.load_state_dict(state["sched"])
         if self.ema is not None:
-            set_model_state_dict(self.ema.module, state["ema"])
+            set_model_state_dict(self.ema.module, state["ema"], options=opts)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = compute_dtype(self.cfg, self.env.device)
