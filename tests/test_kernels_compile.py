@@ -15,7 +15,10 @@ Tolerances: everything is fp32; inductor fuses elementwise work and reorders a f
 so outputs and gradients differ from eager by float32 rounding, measured ≤ 2.5e-7 of each tensor's
 largest magnitude on these shapes (fp32 unit roundoff 6e-8); 2e-6 of it is asserted.
 """
+import re
+
 import pytest
+
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
@@ -96,7 +99,10 @@ def test_sliced_inference_breaks_only_at_routing_decisions_and_matches_eager():
         want, masks = block(x, c, t_emb, GRID, "sliced")
         assert 0 < masks["token"].mean() < 1 and masks["channel"].mean() < 1, "the routers must skip work"
         explained = torch._dynamo.explain(block)(x, c, t_emb, GRID, "sliced")
-        places = {(b.user_stack[-1].filename.rsplit("/", 2)[-2:][-1], b.user_stack[-1].name) for b in explained.break_reasons}
+        # A break inside dynamo's resume function of an allowed place is still that place.
+        places = {(b.user_stack[-1].filename.rsplit("/", 1)[-1],
+                   re.sub(r"^torch_dynamo_resume_in_(\w+)_at_\d+$", r"\1", b.user_stack[-1].name))
+                  for b in explained.break_reasons}
         assert places <= {("dynamic.py", "from_mask"), ("dynamic.py", "weights_version"), ("dynamic.py", "token_routed_residual")}, places
         torch._dynamo.reset()
         got, code = run_and_get_code(torch.compile(block, backend="inductor"), x, c, t_emb, GRID, "sliced")
