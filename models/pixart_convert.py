@@ -162,6 +162,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: 
     f["caption_channels"] = int(required(sd, "y_embedder.y_proj.fc1.weight", source, "PixArt-Σ").shape[1])
     if NULL_KEY in sd:
         f["model_max_length"] = int(sd[NULL_KEY].shape[0])
+    f["guidance_embed"] = "g_embedder.mlp.0.weight" in sd
     kv = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"blocks\.(\d+)\.attn\.sr\.weight", k)))
     if kv:
         f["kv_compress_layers"], f["kv_compress_scale"] = kv, int(sd[f"blocks.{kv[0]}.attn.sr.weight"].shape[-1])

@@ -10,6 +10,7 @@ num_heads=2, input_size=8, caption_channels=16, model_max_length=6`).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -62,7 +63,7 @@ class PixArtFamily(ModelFamily):
         return PixArt(cfg)
 
     def conditioning(self, cfg: PixArtConfig) -> ConditionSpec:
-        return TEXT
+        return replace(TEXT, guidance=True) if cfg.guidance_embed else TEXT
 
     def latent_shape(self, cfg: PixArtConfig, resolution: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
         if resolution is None:
