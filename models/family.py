@@ -197,9 +197,10 @@ class ModelFamily(ABC):
         """Key patterns a student does not copy from its teacher (LiT: the self-attention projections)."""
         return []
 
-    def diffusers_linear_names(self, cfg: Any) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    def diffusers_linear_names(self, cfg: Any) -> dict[str, list[tuple[str, Any]]]:
         """Our linear layers (module names) → the modules of the teacher's diffusers class that compute
-        them, each with the output rows it takes (None: all), e.g. a fused `qkv` → `to_q`, `to_k`, `to_v`.
+        them, each with the output rows it takes (None: all; (start, stop); or several such ranges
+        concatenated), e.g. a fused `qkv` → `to_q`, `to_k`, `to_v`.
         Plain-LoRA adapters export in diffusers' `load_lora_weights` layout through it (`models/lora`);
         empty when the family has no diffusers class (or has not mapped it yet)."""
         return {}
@@ -222,8 +223,10 @@ class ModelFamily(ABC):
     block_prefixes: tuple[str, ...] = ("blocks.",)  # parameter-name prefixes of the block stacks
     report_resolutions: tuple[int, ...] = ()  # pixel resolutions `launch.info` also reports (any-size families)
     # the module whose output is the (B, D) timestep embedding that timestep-conditioned adapters read
-    # (TD-LoRA's gates, `models/lora`); DyDiT's width routers read the same embedding
-    timestep_module: str = "t_embedder"
+    # (TD-LoRA's gates, `models/lora`); DyDiT's width routers read the same embedding. Several names, in
+    # execution order, when the embedding is their outputs' sum (FLUX: time_in + guidance_in); a listed
+    # module a model was built without (set to None) is left out
+    timestep_module: str | tuple[str, ...] = "t_embedder"
 
     def param_group(self, name: str) -> str:
         """The report group of a parameter (`launch.info`): attention, mlp, adaLN, routers, embeddings,

@@ -238,7 +238,7 @@ class Flux(DynamicExecution, nn.Module):
                              f"(this model has {cfg.depth} and {cfg.depth_single})")
         grid = (hh // p, ww // p)
         dtype = self._compute_dtype(x.device)
-        img = self.img_in(pack(x.to(self.img_in.weight.dtype), p))
+        # the (t, g) embedding first: every layer after it may be gated on it (TD-LoRA adapters, models/lora)
         t_emb = self.time_in(TimestepEmbedder.timestep_embedding(bfl_embedding_input(t, dtype, scaled=True), FREQ_DIM))
         g = None
         if self.guidance_in is not None:
@@ -246,6 +246,7 @@ class Flux(DynamicExecution, nn.Module):
             t_emb = t_emb + self.guidance_in(TimestepEmbedder.timestep_embedding(bfl_embedding_input(g, dtype), FREQ_DIM))
         elif guidance is not None:
             raise ValueError("this FLUX model has no guidance input (guidance_embed=false, e.g. schnell): pass no guidance")
+        img = self.img_in(pack(x.to(self.img_in.weight.dtype), p))
         vec = t_emb + self.vector_in(text_pooled)
         txt = self.txt_in(text_emb.to(self.txt_in.weight.dtype))
         mode = self.exec_mode(complete)

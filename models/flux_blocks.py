@@ -24,13 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import QKNorm
 from models.dynamic import (
-    Router, SlicedWeights, UnitSelection, WidthPlan, WidthPlanCache, expand_group_mask, token_masked_residual,
-    token_routed_residual,
+    Router, SlicedWeights, UnitSelection, WidthPlan, WidthPlanCache, expand_group_mask, rows_from_samples,
+    sliced_linear, token_masked_residual, token_routed_residual,
 )
 from models.flux_config import FluxConfig
 from models.flux_layers import (
@@ -231,15 +230,18 @@ class SingleStreamBlock(_DynamicWidth):
 
     def _sliced(self, x, h, gate, plan: WidthPlan, keep, rope, n_txt, grid_hw, want_features, extras, ops):
         """Inference: only active heads and groups, MLP rows (and, released variant, the whole output
-        projection) only for kept tokens; gather → compute → scatter-add for the rest."""
+        projection) only for kept tokens; gather → compute → scatter-add for the rest. Adapters on
+        `linear1`/`linear2` (models/lora) are sliced with the weights (`sliced_linear`: the same rows and
+        columns, and only the rows of the tokens computed)."""
         heads, groups = plan.heads, plan.groups
-        w1, b1, w2, nq, na = self._weights(heads, groups)
+        w1, b1, w2, rows, cols, nq, na = self._weights(heads, groups)
+        n1, n2 = self.linear1.out_features, self.linear2.in_features
         flat_keep = keep.reshape(-1) > 0.5
         every = bool(flat_keep.all())
         if every:
-            qkv, mlp = F.linear(h, w1, b1).split([nq, w1.shape[0] - nq], dim=-1)
+            qkv, mlp = sliced_linear(self.linear1, h, w1, b1, rows=rows).split([nq, w1.shape[0] - nq], dim=-1)
         else:
-            qkv = F.linear(h, w1[:nq], b1[:nq])
+            qkv = sliced_linear(self.linear1, h, w1[:nq], b1[:nq], rows=_part(rows, 0, nq, n1, h.device))
         o = self.attn_mix(*split_heads(qkv, heads.index.numel(), self.head_dim, self.norm), rope, n_txt, grid_hw)
         o = _head_masked(o, heads.mask)
         if want_features:
@@ -249,34 +251,50 @@ class SingleStreamBlock(_DynamicWidth):
         if every:
             if group_mask is not None:
                 mlp = mlp * group_mask.to(mlp.dtype)
-            out = F.linear(torch.cat([o, self.mlp_act(mlp)], dim=2), w2, self.linear2.bias)
+            out = sliced_linear(self.linear2, torch.cat([o, self.mlp_act(mlp)], dim=2), w2, self.linear2.bias, cols=cols)
             return ops.gated_residual(x, gate, out), extras
         index = flat_keep.nonzero().squeeze(1)
-        mlp = F.linear(ops.gather_tokens(h, index), w1[nq:], b1[nq:])
+        samples = torch.div(index, x.shape[1], rounding_mode="floor")
+        with rows_from_samples(samples):  # a gathered row's sample (per-sample adapter gates)
+            mlp = sliced_linear(self.linear1, ops.gather_tokens(h, index), w1[nq:], b1[nq:],
+                                rows=_part(rows, nq, w1.shape[0], n1, h.device))
         if group_mask is not None:
-            mlp = mlp * group_mask[:, 0].index_select(0, torch.div(index, x.shape[1], rounding_mode="floor")).to(mlp.dtype)
+            mlp = mlp * group_mask[:, 0].index_select(0, samples).to(mlp.dtype)
         act = self.mlp_act(mlp)
         if self.skip == "mlp":
-            x = ops.gated_residual(x, gate, F.linear(o, w2[:, :na], self.linear2.bias))
-            return ops.scatter_add_tokens(x, index, F.linear(act, w2[:, na:]), gate), extras
-        out = F.linear(torch.cat([ops.gather_tokens(o, index), act], dim=1), w2, self.linear2.bias)
+            attn_out = sliced_linear(self.linear2, o, w2[:, :na], self.linear2.bias, cols=_part(cols, 0, na, n2, o.device))
+            x = ops.gated_residual(x, gate, attn_out)
+            with rows_from_samples(samples):
+                y = sliced_linear(self.linear2, act, w2[:, na:], None, cols=_part(cols, na, w2.shape[1], n2, o.device))
+            return ops.scatter_add_tokens(x, index, y, gate), extras
+        with rows_from_samples(samples):
+            out = sliced_linear(self.linear2, torch.cat([ops.gather_tokens(o, index), act], dim=1), w2, self.linear2.bias,
+                                cols=cols)
         return ops.scatter_add_tokens(x, index, out, gate), extras
 
     def _weights(self, heads: UnitSelection, groups: UnitSelection):
-        """(linear1 rows [q|k|v|mlp], their bias, linear2 columns [attn|mlp], #qkv rows, #attn columns)
-        for the selected units: views of the full weights when every unit is on, else cached copies."""
+        """(linear1 rows [q|k|v|mlp], their bias, linear2 columns [attn|mlp], the indices of those rows and
+        columns (None: all), #qkv rows, #attn columns) for the selected units: the full weights when every
+        unit is on, else cached copies."""
         d = self.hidden
         if heads.full and groups.full:
-            return self.linear1.weight, self.linear1.bias, self.linear2.weight, 3 * d, d
+            return self.linear1.weight, self.linear1.bias, self.linear2.weight, None, None, 3 * d, d
         params = (self.linear1.weight, self.linear1.bias, self.linear2.weight)
+        mlp_rows = groups.rows(self.group_size)
+        rows = torch.cat([heads.rows(self.head_dim, copies=3, stride=d), 3 * d + mlp_rows])
+        cols = torch.cat([heads.rows(self.head_dim), d + mlp_rows])
 
         def make() -> tuple[torch.Tensor, ...]:
-            mlp_rows = groups.rows(self.group_size)
-            rows = torch.cat([heads.rows(self.head_dim, copies=3, stride=d), 3 * d + mlp_rows])
-            cols = torch.cat([heads.rows(self.head_dim), d + mlp_rows])
             return (self.linear1.weight.index_select(0, rows), self.linear1.bias.index_select(0, rows),
                     self.linear2.weight.index_select(1, cols))
 
         w1, b1, w2 = self._slices.get(_Selection(heads, groups), params, make)
         na = heads.index.numel() * self.head_dim
-        return w1, b1, w2, 3 * na, na
+        return w1, b1, w2, rows, cols, 3 * na, na
+
+
+def _part(index: torch.Tensor | None, start: int, stop: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """Entries [start, stop) of a row/column index, where None stands for all `total` of them."""
+    if index is not None:
+        return index[start:stop]
+    return None if (start, stop) == (0, total) else torch.arange(start, stop, device=device)

@@ -133,6 +133,34 @@ def diffusers_plan(shapes: Mapping[str, tuple[int, ...]], source: str) -> Plan:
     return plan
 
 
+Rows = tuple[int, int] | tuple[tuple[int, int], ...] | None  # one range, ranges concatenated, or all
+
+
+def diffusers_linear_names(cfg: FluxConfig) -> dict[str, list[tuple[str, Rows]]]:
+    """Our linear layers → `FluxTransformer2DModel` modules (the inverse of the tables above), each with the
+    output rows it takes: `qkv` → `to_q`, `to_k`, `to_v` (`add_*_proj` for text); a single block's
+    `linear1` → `to_q`, `to_k`, `to_v`, `proj_mlp`; the final adaLN's halves swapped back ([scale; shift]
+    = our rows [D:2D; 0:D]). For exporting LoRA adapters in diffusers' layout (`models/lora`)."""
+    d, dm = cfg.hidden_size, cfg.mlp_hidden
+    out: dict[str, list[tuple[str, Rows]]] = {}
+    for theirs, mine in _TOP.items():
+        if cfg.guidance_embed or not mine.startswith("guidance_in."):
+            out[mine] = [(theirs, None)]
+    out[_SWAPPED[1]] = [(_SWAPPED[0], ((d, 2 * d), (0, d)))]
+    stacks = (("double_blocks", "transformer_blocks", cfg.depth, _DOUBLE, _DOUBLE_FUSED),
+              ("single_blocks", "single_transformer_blocks", cfg.depth_single, _SINGLE, _SINGLE_FUSED))
+    for ours, theirs, depth, renames, fused in stacks:
+        for i in range(depth):
+            for suffix, mine in renames.items():
+                if not suffix.endswith(".weight"):  # the QK-norm scales are not linear layers
+                    out[f"{ours}.{i}.{mine}"] = [(f"{theirs}.{i}.{suffix}", None)]
+            for mine, parts in fused.items():
+                sizes = [d] * 3 + [dm] * (len(parts) - 3)
+                starts = [sum(sizes[:k]) for k in range(len(parts))]
+                out[f"{ours}.{i}.{mine}"] = [(f"{theirs}.{i}.{p}", (a, a + n)) for p, a, n in zip(parts, starts, sizes)]
+    return out
+
+
 def config_from_diffusers(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
     """FluxConfig fields from a diffusers config.json (its in_channels are packed: 4 × the latent's)."""
     cls = cfg.get("_class_name", DIFFUSERS_CLASS)

@@ -16,7 +16,7 @@ import torch
 from models.family import Checkpoint, ConditionSpec, ModelFamily, register_family
 from models.flux import Flux
 from models.flux_config import BASES, KINDS, VAE_DOWNSAMPLE, FluxConfig, kind_defaults
-from models.flux_convert import describe, flux_checkpoint, looks_like_flux
+from models.flux_convert import describe, diffusers_linear_names, flux_checkpoint, looks_like_flux
 from models.flux_flops import block_costs, realised_flops, static_flops
 from models.weights_io import RawWeights
 
@@ -27,6 +27,8 @@ class FluxFamily(ModelFamily):
     name = "flux"
     config_cls = FluxConfig
     block_prefixes = ("double_blocks.", "single_blocks.")
+    # the embedding the width routers and TD-LoRA's gates read: t's, plus g's in guidance-distilled models
+    timestep_module = ("time_in", "guidance_in")
 
     def names(self) -> list[str]:
         return [f"{k}-{b}" for k in KINDS for b in BASES]
@@ -97,6 +99,9 @@ class FluxFamily(ModelFamily):
         return [*null, "double_blocks.*.img_attn.*", "double_blocks.*.txt_attn.*", "single_blocks.*.norm.*",
                 f"single_blocks.*.linear1.weight@rows=0:{3 * d}", f"single_blocks.*.linear1.bias@rows=0:{3 * d}",
                 f"single_blocks.*.linear2.weight@cols=0:{d}"]
+
+    def diffusers_linear_names(self, cfg: FluxConfig) -> dict[str, list[tuple[str, Any]]]:
+        return diffusers_linear_names(cfg)
 
     def check_pair(self, student_cfg: FluxConfig, teacher_cfg: FluxConfig) -> None:
         for key in ("in_channels", "patch_size", "context_in_dim", "vec_in_dim", "guidance_embed"):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import QKNorm, grid_dwc, rope_linear_attention
-from models.dynamic import SlicedWeights, UnitSelection, gumbel_sigmoid_ste
+from models.dynamic import SlicedWeights, UnitSelection, gumbel_sigmoid_ste, sliced_linear
 from models.kernels.dispatch import get_ops
 from models.rope import RopeTable, apply_rope
 
@@ -65,7 +65,8 @@ class SelfAttention(nn.Module):
         else:
             params = tuple(p for p in (self.qkv.weight, self.qkv.bias) if p is not None)
             w, b = self._qkv_slices.get(heads, params, lambda: self._slice_qkv(heads))
-            qkv, h = F.linear(x, w, b), heads.index.numel()
+            rows = heads.rows(self.head_dim, copies=3, stride=self.dim)
+            qkv, h = sliced_linear(self.qkv, x, w, b, rows=rows), heads.index.numel()  # + an adapter's rows
         return split_heads(qkv, h, self.head_dim, self.norm)
 
     def _slice_qkv(self, heads: UnitSelection) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,9 +79,9 @@ class SelfAttention(nn.Module):
         o = o.flatten(2)
         if heads is None or heads.full:
             return self.proj(o)
-        (w,) = self._proj_slices.get(heads, (self.proj.weight,),
-                                     lambda: (self.proj.weight.index_select(1, heads.rows(self.head_dim)),))
-        return F.linear(o, w, self.proj.bias)
+        cols = heads.rows(self.head_dim)
+        (w,) = self._proj_slices.get(heads, (self.proj.weight,), lambda: (self.proj.weight.index_select(1, cols),))
+        return sliced_linear(self.proj, o, w, self.proj.bias, cols=cols)
 
 
 def split_heads(qkv: torch.Tensor, h: int, d: int, norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

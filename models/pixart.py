@@ -13,6 +13,11 @@ The final layer modulates with the timestep embedding t itself (not t_block's). 
 2-D sin-cos embeddings recomputed for each token grid (`pe_interpolation`), so any aspect-ratio bucket
 and resolution runs through the same weights.
 
+A model with `guidance_embed` also takes the guidance scale g: `g_embedder` (a timestep embedder fed
+g·1000, zero-initialised output, so a student given one starts as its teacher) adds to the timestep
+embedding that adaLN-single and the final layer read; the routers keep reading t's embedding alone, so
+the width stays a function of t (cached per sampling step).
+
 The null caption `y_embedding` is a buffer, never trained: `set_null_condition` fills it with T5("")
 of the encoder that made the data (PixArt's loader does the same); guidance dropout and the
 unconditional half of classifier-free guidance swap it in for the caption and **keep the caption's
@@ -190,6 +195,7 @@ class PixArt(DynamicExecution, nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
+        self.g_embedder = TimestepEmbedder(d) if cfg.guidance_embed else None  # fed g·1000, as DiT's
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, d, cfg.model_max_length)
         self.blocks = nn.ModuleList([PixArtBlock(cfg, i) for i in range(cfg.depth)])
         self.final_layer = T2IFinalLayer(d, cfg.patch_size, cfg.out_channels, cfg.kernels)
@@ -202,6 +208,9 @@ class PixArt(DynamicExecution, nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
                     self.y_embedder.y_proj.fc2):
             nn.init.normal_(lin.weight, std=0.02)
+        if self.g_embedder is not None:  # zero output: a student given one starts as its teacher
+            nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.g_embedder.mlp[2].weight)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
@@ -235,15 +244,15 @@ class PixArt(DynamicExecution, nn.Module):
     def null_condition(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unconditional branch of guidance: the null caption, with each prompt's own mask kept."""
         emb = cond["text_emb"]
-        return {"text_emb": self._null_like(emb).expand(emb.shape[0], -1, -1), "text_mask": cond["text_mask"]}
+        return {**cond, "text_emb": self._null_like(emb).expand(emb.shape[0], -1, -1)}
 
     def drop_condition(self, cond: Mapping[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """Guidance dropout: the captions of rows where `drop` is True become the null caption; the mask
         stays the prompt's (official PixArt). `drop` is drawn once by the step, so teacher and student
-        see the same rows dropped."""
+        see the same rows dropped. Other keys (a guidance value) pass through."""
         emb = cond["text_emb"]
         null = self._null_like(emb)
-        return {"text_emb": torch.where(drop.to(emb.device)[:, None, None], null[None], emb), "text_mask": cond["text_mask"]}
+        return {**cond, "text_emb": torch.where(drop.to(emb.device)[:, None, None], null[None], emb)}
 
     def _null_like(self, emb: torch.Tensor) -> torch.Tensor:
         null = self.y_embedder.y_embedding
@@ -298,7 +307,9 @@ class PixArt(DynamicExecution, nn.Module):
         return_aux: bool = False,
         complete: bool = False,
         seeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ):
+        """`guidance` (B,): the guidance scales of a model with a guidance input (`guidance_embed`)."""
         cfg = self.config
         p = cfg.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
@@ -307,7 +318,14 @@ class PixArt(DynamicExecution, nn.Module):
         x = x.to(self.x_embedder.proj.weight.dtype)  # bf16 under an FSDP mixed-precision policy
         h = self.x_embedder(x) + self.pos_embed(grid_hw, x.device, x.dtype)
         t_emb = self.t_embedder(t)
-        t0 = self.t_block(t_emb)
+        c = t_emb  # what adaLN-single and the final layer read: t's embedding (+ g's)
+        if self.g_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model has a guidance input (guidance_embed=True): pass guidance=(B,) scales")
+            c = t_emb + self.g_embedder(guidance.float() * 1000.0)
+        elif guidance is not None:
+            raise ValueError("guidance given to a model without a guidance input (guidance_embed=False)")
+        t0 = self.t_block(c)
         y = self.y_embedder(text_emb)
         mask = None if text_mask is None else text_mask.to(torch.bool)
         mode = self.exec_mode(complete)
@@ -317,7 +335,7 @@ class PixArt(DynamicExecution, nn.Module):
             h, block_masks = block(h, y, mask, t0, t_emb, grid_hw, mode, plan_key=key, seeds=seeds)
             if block_masks is not None:
                 masks.append(block_masks)
-        out = unpatchify(self.final_layer(h, t_emb), grid_hw, p, cfg.out_channels)
+        out = unpatchify(self.final_layer(h, c), grid_hw, p, cfg.out_channels)
         if not return_aux:
             return out
         aux: dict[str, torch.Tensor] = {}

@@ -44,6 +44,10 @@ class PixArtConfig(StudentOptions):
     # so λ = 0.6 is reachable without it, and it is the only path from the caption to the image; the
     # measurement of both variants on the captioned-digits test bed is `launch.benchmark pixart-routing`.
     cross_attn_routing: bool = False
+    # a guidance input (as DiT's and FLUX-dev's): the model is told the guidance scale g (a `g_embedder`
+    # fed g·1000 added to the timestep embedding that drives adaLN-single and the final layer) and,
+    # guidance-distilled from a teacher's classifier-free-guided output, samples with one forward per step
+    guidance_embed: bool = False
 
     @property
     def out_channels(self) -> int:

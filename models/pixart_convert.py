@@ -62,6 +62,43 @@ _UNSUPPORTED = {
 }
 
 
+def diffusers_linear_names(cfg: PixArtConfig) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """Our linear layers → `PixArtTransformer2DModel` modules (the inverse of the renames above, each with
+    the output rows it takes): `attn.qkv` → `attn1.to_{q,k,v}`, `cross_attn.kv_linear` → `attn2.to_{k,v}`.
+    For exporting LoRA adapters in diffusers' layout (`models/lora/diffusers_format.py`)."""
+    with torch.device("meta"):
+        linears = [n for n, m in PixArt(cfg).named_modules() if isinstance(m, torch.nn.Linear)]
+    out: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    for name in linears:
+        for pattern, target in _RENAMES:
+            theirs = _invert(pattern, target, f"{name}.weight")
+            if theirs is not None:
+                out[name] = [(theirs.removesuffix(".weight"), None)]
+                break
+    d = cfg.hidden_size
+    for source, parts, target in _FUSED:
+        for i in range(cfg.depth):
+            ours = target.format(i=i, w="weight").removesuffix(".weight")
+            if ours in linears:
+                out[ours] = [(source.format(i=i, p=p, w="weight").removesuffix(".weight"), (k * d, (k + 1) * d))
+                             for k, p in enumerate(parts)]
+    return out
+
+
+def _invert(pattern: str, target: str, key: str) -> str | None:
+    """The source key `pattern` → `target` renames to `key`, or None: `target`'s group references become
+    `pattern`'s groups, and the values they match there fill `pattern`'s groups."""
+    groups = re.findall(r"\([^()]*\)", pattern)
+    regex = re.escape(target)
+    for n, g in enumerate(groups, start=1):
+        regex = regex.replace(re.escape(f"\\{n}"), g)
+    m = re.fullmatch(regex, key)
+    if m is None:
+        return None
+    values = iter(m.groups())
+    return re.sub(r"\([^()]*\)", lambda _: next(values), pattern).replace("\\.", ".")
+
+
 def looks_like_pixart(raw: RawWeights) -> bool:
     if raw.diffusers_config is not None:
         return raw.diffusers_config.get("_class_name") == DIFFUSERS_CLASS
@@ -162,6 +199,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], known: dict[str, Any], source: 
     f["caption_channels"] = int(required(sd, "y_embedder.y_proj.fc1.weight", source, "PixArt-Σ").shape[1])
     if NULL_KEY in sd:
         f["model_max_length"] = int(sd[NULL_KEY].shape[0])
+    f["guidance_embed"] = "g_embedder.mlp.0.weight" in sd
     kv = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"blocks\.(\d+)\.attn\.sr\.weight", k)))
     if kv:
         f["kv_compress_layers"], f["kv_compress_scale"] = kv, int(sd[f"blocks.{kv[0]}.attn.sr.weight"].shape[-1])

@@ -10,6 +10,7 @@ num_heads=2, input_size=8, caption_channels=16, model_max_length=6`).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from models.family import Checkpoint, ConditionSpec, ModelFamily, register_family
 from models.pixart import PixArt
 from models.pixart_config import LIT_HEADS, SIZES, VAE_DOWNSAMPLE, PixArtConfig
-from models.pixart_convert import describe, looks_like_pixart, pixart_checkpoint
+from models.pixart_convert import describe, diffusers_linear_names, looks_like_pixart, pixart_checkpoint
 from models.pixart_flops import realised_flops, static_flops
 from models.weights_io import RawWeights
 
@@ -44,6 +45,7 @@ class PixArtFamily(ModelFamily):
     name = "pixart"
     config_cls = PixArtConfig
     report_resolutions = (512, 1024, 2048)
+    timestep_module = "t_embedder"  # what the width routers and TD-LoRA's gates read (not t_block's 6·D)
 
     def names(self) -> list[str]:
         return [f"{k}-pixart-sigma-{s}/2" if k != "pixart" else f"pixart-sigma-{s}/2" for k in KINDS for s in SIZES]
@@ -62,7 +64,7 @@ class PixArtFamily(ModelFamily):
         return PixArt(cfg)
 
     def conditioning(self, cfg: PixArtConfig) -> ConditionSpec:
-        return TEXT
+        return replace(TEXT, guidance=True) if cfg.guidance_embed else TEXT
 
     def latent_shape(self, cfg: PixArtConfig, resolution: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
         if resolution is None:
@@ -91,6 +93,9 @@ class PixArtFamily(ModelFamily):
         if teacher_cfg.attention != student_cfg.attention or teacher_cfg.self_heads != student_cfg.self_heads:
             return list(SELF_ATTENTION)
         return []
+
+    def diffusers_linear_names(self, cfg: PixArtConfig) -> dict[str, list[tuple[str, Any]]]:
+        return diffusers_linear_names(cfg)
 
     def check_pair(self, student_cfg: PixArtConfig, teacher_cfg: PixArtConfig) -> None:
         pairs = [(key, getattr(student_cfg, key), getattr(teacher_cfg, key)) for key in PAIR_KEYS]

@@ -6,7 +6,8 @@ Where each part goes:
 - "mlp": the block MLPs; "routers": DyDiT's head, channel-group (and cross-head) routers and the
   token router;
 - "adaLN": the one shared `t_block` (the per-block `scale_shift_table` is an addition);
-- "embeddings": patch embedding, timestep embedder and the **caption projection** (`y_proj` over
+- "embeddings": patch embedding, timestep embedder (and the guidance embedder of a model with a
+  guidance input) and the **caption projection** (`y_proj` over
   all `text_len` caption tokens, padding included: the model computes it);
 - "final_layer": the output linear (its modulation is an addition).
 The caption length is the padded one (`model_max_length` unless given): cross-attention runs on it.
@@ -61,9 +62,10 @@ def block_cost(cfg: PixArtConfig, index: int, grid: tuple[int, int], text_len: i
 def fixed_costs(cfg: PixArtConfig, grid: tuple[int, int], text_len: int) -> dict[str, float]:
     """Everything outside the blocks, per sample."""
     n, d, p = grid[0] * grid[1], cfg.hidden_size, cfg.patch_size
+    timestep = (256 * d + d * d) * (2 if cfg.guidance_embed else 1)  # + the guidance embedder
     return {
         "adaLN": 6 * d * d,
-        "embeddings": n * p * p * cfg.in_channels * d + (256 * d + d * d) + text_len * (cfg.caption_channels * d + d * d),
+        "embeddings": n * p * p * cfg.in_channels * d + timestep + text_len * (cfg.caption_channels * d + d * d),
         "final_layer": n * d * p * p * cfg.out_channels,
     }
 

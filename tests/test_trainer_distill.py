@@ -72,6 +72,52 @@ def test_guidance_distillation_regresses_the_teachers_guided_output(teacher, tmp
     assert logged == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_pixart_guidance_distillation_regresses_the_teachers_guided_output(tmp_path):
+    """The same closed form for a text family: a tiny PixArt-Σ student with a guidance input, inherited
+    from its teacher (zero-initialised `g_embedder`: it starts as the teacher), against the teacher's
+    guided output uncond + g·(cond − uncond), the uncond branch being the null caption under each prompt's
+    mask; and the guidance embedder learns (the student's output then moves with g)."""
+    from models.family import family_of
+    from tests.pixart_helpers import TINY_ARGS, pixart_config, teacher_file, write_text_shards
+
+    shards, t_path = write_text_shards(tmp_path / "shards", per_bucket=8), teacher_file(tmp_path / "t.safetensors")
+    cfg_path = pixart_config(
+        tmp_path, "s", shards, "pixart-sigma-xl/2", t_path, student={"args": {**TINY_ARGS, "guidance_embed": True}},
+        train={"steps": 3, "global_batch": 4, "log_every": 1}, checkpoint={"every": 3, "async_save": False},
+        distill={"lambda_noise": 1.0, "lambda_var": 0.0, "diffusion_weight": 0.0, "guidance_distill": True},
+        diffusion={"guidance_range": [1.0, 5.0], "cfg_dropout": 0.0})
+    assert_ok(run_train(cfg_path, [f"run_dir={tmp_path / 'run'}"]))
+    logged = metrics(tmp_path / "run")[0]["loss/kd_noise"]
+
+    cfg = load_config(cfg_path, [f"run_dir={tmp_path / 'run'}"], world_size=1)
+    t_model = load_pretrained(t_path).eval()
+    assert not family_of(t_model).conditioning(t_model.config).guidance
+    objective = build_objective(cfg)
+    env = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    step = DistillStep.__new__(DistillStep)  # only its draws
+    step.cfg, step.objective, step.engine, step.model = cfg, objective, SimpleNamespace(env=env), t_model
+    step.family, step.student_guided, step.teacher_guided = family_of(t_model), True, False
+    from data import build_loader
+
+    batch = next(iter(build_loader(cfg.data, 0, 1)))
+    draw = step.draw(batch["x"], 0)
+    cond, tm = t_model.condition(batch), objective.model_timestep(draw["t"])
+    with torch.no_grad():
+        c = t_model(draw["x_t"], tm, **cond)
+        u = t_model(draw["x_t"], tm, **t_model.null_condition(cond))
+    g = draw["guidance"]
+    assert g.unique().numel() == len(g) and (c - u).abs().max() > 1e-2  # per-sample g; the caption matters
+    expected = (((1 - g).view(-1, 1, 1, 1) * (c[:, :4] - u[:, :4])) ** 2).mean(dim=(1, 2, 3)).mean()
+    assert logged == pytest.approx(float(expected), rel=1e-4)
+    from trainer.export import export_run
+
+    student = load_pretrained(export_run(tmp_path / "run", tmp_path / "export")["student"]).eval()
+    assert student.config.guidance_embed and student.g_embedder.mlp[2].weight.abs().max() > 0  # it learned
+    with torch.no_grad():
+        lo, hi = (student(draw["x_t"], tm, **cond, guidance=torch.full_like(g, v)) for v in (1.0, 5.0))
+    assert (lo - hi).abs().max() > 1e-4
+
+
 def test_feature_distillation_is_logged_per_layer_and_sharded_teacher_matches(teacher, tmp_path):
     cfg = write_config(
         tmp_path / "s.yaml", model="lit-s/2", args=DIGITS, student={"init": "inherit"},

@@ -2,8 +2,8 @@
 
 Keys are peft's (`<module>.lora_A.weight` (R, in), `<module>.lora_B.weight` (out, R)) on the teacher's
 diffusers module names, prefixed `transformer.`; a fused layer of ours is split by output rows (DiT's
-`qkv` → `to_q`, `to_k`, `to_v`: each gets A and its rows of B, so B_q·A is exactly our update's q
-rows). The scale α/R is folded into B, and the metadata says lora_alpha = r, so any reader that
+`qkv` → `to_q`, `to_k`, `to_v`, FLUX's single-block `linear1` → `to_q`, `to_k`, `to_v`, `proj_mlp`: each
+gets A and its rows of B, so B_q·A is exactly our update's q rows). The scale α/R is folded into B, and the metadata says lora_alpha = r, so any reader that
 ignores the metadata computes the same update. Each family's converter knows its diffusers names
 (`ModelFamily.diffusers_linear_names`).
 
@@ -54,10 +54,20 @@ def diffusers_lora_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor]
         ranks.add(layer.rank)
         for target, rows in names[name]:
             out[f"{PREFIX}.{target}.lora_A.weight"] = a.clone()
-            out[f"{PREFIX}.{target}.lora_B.weight"] = (b if rows is None else b[rows[0]:rows[1]]).clone()
+            out[f"{PREFIX}.{target}.lora_B.weight"] = _rows(b, rows).clone()
     if len(ranks) != 1:
         raise ValueError(f"adapters of several ranks {sorted(ranks)}: diffusers' metadata holds one")
     return out, ranks.pop()
+
+
+def _rows(b: torch.Tensor, rows) -> torch.Tensor:
+    """B's rows for one diffusers module: all (None), one range (start, stop), or ranges concatenated
+    (FLUX's final adaLN, whose halves diffusers stores swapped)."""
+    if rows is None:
+        return b
+    if isinstance(rows[0], int):
+        return b[rows[0]:rows[1]]
+    return torch.cat([b[start:stop] for start, stop in rows])
 
 
 def save_diffusers_lora(model: nn.Module, directory: str | os.PathLike, weight_name: str = WEIGHT_NAME) -> Path:

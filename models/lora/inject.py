@@ -97,14 +97,18 @@ def select_targets(model: nn.Module, spec: LoraSpec, full: Iterable[str] = ()) -
     excluded, and not trained fully anyway."""
     family = family_of(model)
     full = set(full)
+    # a TD-LoRA gate reads the timestep embedding: the layers computing it cannot be gated on it
+    inside = tuple(f"{n}." for n, _ in timestep_modules(model)) if spec.method == "tdlora" else ()
     out = []
     for name, m in model.named_modules():
         if type(m) is not nn.Linear:  # LoRALinear is a subclass: an adapted layer is not adapted again
             continue
         if spec.modules:
             hit = any(fnmatch.fnmatchcase(name, p) for p in spec.modules)
-        else:
-            hit = family.param_group(f"{name}.weight") in spec.targets
+        else:  # a layer fusing several groups (FLUX's single-block linear1) is in each of them
+            hit = bool(set(family.param_split(model.config, f"{name}.weight", tuple(m.weight.shape))) & set(spec.targets))
+        if inside and name.startswith(inside):
+            continue
         if not hit or any(fnmatch.fnmatchcase(name, p) for p in spec.exclude):
             continue
         if f"{name}.weight" in full:
@@ -113,24 +117,47 @@ def select_targets(model: nn.Module, spec: LoraSpec, full: Iterable[str] = ()) -
     return out
 
 
-def attach_timestep_source(model: nn.Module) -> tuple[TimestepSource, int]:
-    """A `TimestepSource` fed by the family's timestep embedder, and the embedding's width."""
+def timestep_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs, summed, are the timestep embedding TD-LoRA's gates read
+    (`ModelFamily.timestep_module`: one name, or several in execution order). A listed module the model
+    was built without (an attribute set to None: FLUX-schnell's `guidance_in`) is left out."""
     family = family_of(model)
-    name = family.timestep_module
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"TD-LoRA gates read the timestep embedding, but the {family.name} family's "
-                         f"timestep_module={name!r} is not a module of {type(model).__name__}; set "
-                         "ModelFamily.timestep_module to the module whose output is the (B, D) embedding") from None
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    names = family.timestep_module
+    names = (names,) if isinstance(names, str) else tuple(names)
+    out = []
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            owner = None
+        if owner is None or not hasattr(owner, attr):
+            raise ValueError(f"TD-LoRA gates read the timestep embedding, but the {family.name} family's "
+                             f"timestep_module={family.timestep_module!r} names {name!r}, which is not a module of "
+                             f"{type(model).__name__}; set ModelFamily.timestep_module to the module(s) whose "
+                             "(summed) output is the (B, D) embedding")
+        module = getattr(owner, attr)
+        if module is not None:
+            out.append((name, module))
+    if not out:
+        raise ValueError(f"{type(model).__name__} has none of the timestep modules {names}")
+    return out
+
+
+def attach_timestep_source(model: nn.Module) -> tuple[TimestepSource, int]:
+    """A `TimestepSource` fed by the family's timestep embedder(s), and the embedding's width."""
+    modules = timestep_modules(model)
+    name, first = modules[0]
+    linears = [m for m in first.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{name!r} has no linear layer: cannot tell the timestep embedding's width")
-    for hook in module._forward_hooks.values():
+    for hook in first._forward_hooks.values():
         if isinstance(hook, TimestepSource):
             return hook, linears[-1].out_features
     source = TimestepSource()
-    module.register_forward_hook(source)
+    first.register_forward_hook(source)
+    for i, (_, module) in enumerate(modules[1:], start=1):
+        module.register_forward_hook(source.part(i))
     return source, linears[-1].out_features
 
 
@@ -189,7 +216,8 @@ def adapter_layout(model: nn.Module) -> dict[str, Any] | None:
     if not layers:
         return None
     return {
-        "timestep_module": family_of(model).timestep_module if any(m.experts > 1 for m in layers.values()) else None,
+        "timestep_module": ([n for n, _ in timestep_modules(model)] if any(m.experts > 1 for m in layers.values())
+                            else None),
         "layers": {n: {"rank": m.rank, "alpha": m.alpha, "experts": m.experts,
                        "gate_dim": m.lora_gate.in_features if m.lora_gate is not None else 0}
                    for n, m in layers.items()},

@@ -36,13 +36,31 @@ class TimestepSource:
 
     A forward hook on the family's timestep embedder (`ModelFamily.timestep_module`) stores its
     output here; every TD-LoRA layer of the model holds this one object. Detached: the gates train,
-    the (frozen) embedder is not moved by them."""
+    the (frozen) embedder is not moved by them. A family whose embedding is a sum of several modules'
+    outputs (FLUX: `time_in` + `guidance_in`) hooks each: the first module's output starts the sum of a
+    forward, each later one (`TimestepSource.part(i)`) adds its own.
+    """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
         self.value = output.detach()
+
+    def part(self, index: int) -> "_LaterPart":
+        """The hook of the `index`-th (≥ 1) module of the sum."""
+        return _LaterPart(self, index)
+
+
+class _LaterPart:
+    def __init__(self, source: TimestepSource, index: int) -> None:
+        self.source, self.index = source, index
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        if self.source.value is None:
+            raise RuntimeError("TD-LoRA: a later part of the timestep embedding ran before its first module "
+                               "(ModelFamily.timestep_module lists them in execution order)")
+        self.source.value = self.source.value + output.detach()
 
 
 class LoRALinear(nn.Linear):
