@@ -49,8 +49,9 @@ def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
     raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(reasons)}" if reasons else ""))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None) -> dict[str, Path]:
-    """Write `student.safetensors` and `ema.safetensors`; returns their paths."""
+def run_weights(run_dir: str | Path, step: int | None = None) -> tuple[dict[str, dict], object, Path]:
+    """({"student": state dict, "ema": state dict}, model config, checkpoint dir) of a run's newest valid
+    checkpoint (or `step`), consolidated in memory: what `export_run` writes and `launch.sample` samples."""
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, step)
     cfg = read_run_config(run_dir, ckpt)
@@ -65,6 +66,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int
         tensors = _deepspeed_tensors(ckpt, build_model(mcfg))
     else:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
+    return tensors, mcfg, ckpt
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None) -> dict[str, Path]:
+    """Write `student.safetensors` and `ema.safetensors`; returns their paths."""
+    tensors, mcfg, ckpt = run_weights(run_dir, step)
     out = Path(out_dir) if out_dir is not None else ckpt
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
