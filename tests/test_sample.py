@@ -131,6 +131,12 @@ def test_settings_are_checked_before_any_work(weights, tmp_path, capsys):
         assert sample_main([str(weights), "--out", out, "--no-progress", *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started
-    assert sample_main([str(weights), "--out", out, "--num-samples", "4", "--steps", "2", "--no-progress"]) == 0
+    assert sample_main([str(weights), "--out", out, "--num-samples", "4", "--steps", "2", "--no-progress", "--png"]) == 0
+    from PIL import Image
+
+    arr = npz(tmp_path / "o" / "samples.npz")["arr_0"]
+    pngs = sorted((tmp_path / "o" / "png").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(4)]
+    assert all(np.array_equal(np.asarray(Image.open(p)), arr[i, ..., 0]) for i, p in enumerate(pngs))  # grey, lossless
     assert sample_main([str(weights), "--out", out, "--num-samples", "4", "--steps", "3", "--no-progress"]) == 2
     assert "holds samples made with other settings (changed: steps)" in capsys.readouterr().err
