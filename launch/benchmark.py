@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage")
+SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "sample")
 
 
 def main(argv: list[str] | None = None) -> int:
