@@ -60,12 +60,15 @@ class Monitor:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
+    def _add_scalars(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        self._add_scalars(step, values)
         record: dict[str, Any] = {"step": step, **{k: v for k, v in values.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -91,9 +94,7 @@ class Monitor:
         """Quality metrics of one evaluation: TensorBoard scalars and a line of `<run>/eval.jsonl`."""
         if self.writer is None:
             return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v, step)
+        self._add_scalars(step, values)
         with open(self.run_dir / EVAL_JSONL, "a") as f:
             f.write(json.dumps({"step": step, **{k: v if math.isfinite(v) else str(v) for k, v in values.items()}}) + "\n")
         self.writer.flush()

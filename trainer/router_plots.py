@@ -30,43 +30,44 @@ def _t_axis(ax, t: torch.Tensor) -> None:
     ax.set_xlabel("timestep t (as fed to the model)")
 
 
+def _heatmap(rows: torch.Tensor, t: torch.Tensor, ticks: list[float], labels: list[str], ylabel: str, colour: str,
+             title: str, height: float) -> Any:
+    """(rows, T) fractions in [0, 1] against the sorted timesteps `t`."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, max(3.0, height)), dpi=100)
+    im = ax.imshow(rows.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(labels)
+    ax.set_ylabel(ylabel)
+    _t_axis(ax, t)
+    fig.colorbar(im, ax=ax, label=colour)
+    ax.set_title(f"{title} (mean {float(rows.mean()):.2f})")
+    fig.tight_layout()
+    return fig
+
+
 def unit_map(rmap: RouterMap, name: str) -> Any:
     """(L·U rows, T columns) of `rmap.units[name]`: one row per unit, grouped by layer."""
-    plt = _plt()
     order = torch.argsort(rmap.timesteps)
     frac = rmap.units[name][..., order]  # (L, U, T)
     layers, units, _ = frac.shape
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.12 * layers * units + 1.5)), dpi=100)
-    im = ax.imshow(frac.reshape(layers * units, -1).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                   interpolation="nearest")
-    step = max(1, layers // 14)
-    ax.set_yticks([layer * units + (units - 1) / 2 for layer in range(0, layers, step)])
-    ax.set_yticklabels([f"layer {layer}" for layer in range(0, layers, step)])
+    every = max(1, layers // 14)
+    fig = _heatmap(frac.reshape(layers * units, -1), rmap.timesteps[order],
+                   [layer * units + (units - 1) / 2 for layer in range(0, layers, every)],
+                   [f"layer {layer}" for layer in range(0, layers, every)], f"layer (rows: its {name}, unit 0 first)",
+                   "active fraction", f"active {name} per layer over the sampling steps", 0.12 * layers * units + 1.5)
     for layer in range(1, layers):
-        ax.axhline(layer * units - 0.5, color="white", lw=0.4)
-    ax.set_ylabel(f"layer (rows: its {name}, unit 0 first)")
-    _t_axis(ax, rmap.timesteps[order])
-    fig.colorbar(im, ax=ax, label="active fraction")
-    ax.set_title(f"active {name} per layer over the sampling steps (mean {float(frac.mean()):.2f})")
-    fig.tight_layout()
+        fig.axes[0].axhline(layer * units - 0.5, color="white", lw=0.4)
     return fig
 
 
 def token_map(rmap: RouterMap) -> Any:
     """(L, T): the fraction of tokens each layer's token router sends to its MLP."""
-    plt = _plt()
     order = torch.argsort(rmap.timesteps)
     frac = rmap.tokens[..., order]
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.25 * len(frac) + 1.5)), dpi=100)
-    im = ax.imshow(frac.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(frac)))
-    ax.set_yticklabels([f"layer {i}" for i in range(len(frac))])
-    ax.set_ylabel("layer")
-    _t_axis(ax, rmap.timesteps[order])
-    fig.colorbar(im, ax=ax, label="fraction of tokens routed to the MLP")
-    ax.set_title(f"token routing per layer over the sampling steps (mean {float(frac.mean()):.2f})")
-    fig.tight_layout()
-    return fig
+    return _heatmap(frac, rmap.timesteps[order], list(range(len(frac))), [f"layer {i}" for i in range(len(frac))], "layer",
+                    "fraction of tokens routed to the MLP", "token routing per layer over the sampling steps",
+                    0.25 * len(frac) + 1.5)
 
 
 def flops_curves(rmap: RouterMap) -> Any:
