@@ -126,6 +126,9 @@ def test_settings_are_checked_before_any_work(weights, tmp_path, capsys):
         (["--num-samples", "4", "--vae", str(tmp_path / "nowhere")], "is not a local directory"),
         (["--num-samples", "0"], "give the number of samples"),
         (["--num-samples", "4", "--chunk", "0"], "--chunk: must be ≥ 1"),
+        (["--num-samples", "4", "--resolution", "128"], "DiT's position embedding is fixed to a 8² latent (64px)"),
+        (["--num-samples", "4", "--bucket", "0.5"], "give the base --resolution"),
+        (["--num-samples", "4", "--objective", "flow"], "'flow' does not fit the model's output; use 'gaussian'"),
     ]
     for extra, message in cases:
         assert sample_main([str(weights), "--out", out, "--no-progress", *extra]) == 2
