@@ -221,7 +221,7 @@ def run_setting(setting: Setting, models: dict[str, nn.Module], objective, sampl
     for name in models:  # a full loop fills the width-plan caches, as the first chunk of any sampling job does
         loop(name, warm)()
     counters = {n: Patterns() for n in models}
-    times = time_interleaved({n: _synced(loop(n, sampler, counters[n]), device) for n in models}, setting.repeats, warmup=0)
+    times = time_interleaved({n: _synced(loop(n, sampler, counters[n]), device, n) for n in models}, setting.repeats, warmup=0)
     rows = []
     first = next(iter(models))
     base = statistics.median(times[first])
@@ -250,14 +250,18 @@ def _registered(name: str) -> bool:
     return True
 
 
-def _synced(fn, device: torch.device):
-    if device.type != "cuda":
-        return fn
+def _synced(fn, device: torch.device, name: str):
+    """`fn` with the device drained before and after (CUDA is asynchronous), and a line on stderr."""
+    import time
 
     def run() -> None:
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"[benchmark sample] {name}: one loop in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
 
     return run
 
