@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", default="cpu", choices=sorted(CASES))
     p.add_argument("--quickstart", help="time the trained quickstart models in this directory instead")
     p.add_argument("--repeats", type=int, help="timed loops per model (default: the case's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the case's)")
+    p.add_argument("--batch", type=int, help="images per loop (default: the case's)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="override the case's dtype (the gpu case: bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the case's device")
@@ -347,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.repeats:
-        case = replace(case, settings=tuple(replace(s, repeats=a.repeats) for s in case.settings))
+    changes = {k: v for k, v in (("repeats", a.repeats), ("steps", a.steps), ("batch", a.batch)) if v}
+    if any(v < 1 for v in changes.values()):
+        p.error("--repeats, --steps and --batch must be >= 1")
+    case = replace(case, settings=tuple(replace(s, **changes) for s in case.settings))
     res = run_case(case, a.quickstart)
     print(json.dumps(res, indent=2, default=str) if a.json else format_report(res))
     return 0
