@@ -221,21 +221,23 @@ def run_setting(setting: Setting, models: dict[str, nn.Module], objective, sampl
     for name in models:  # a full loop fills the width-plan caches, as the first chunk of any sampling job does
         loop(name, warm)()
     counters = {n: Patterns() for n in models}
-    times = time_interleaved({n: _synced(loop(n, sampler, counters[n]), device, n) for n in models}, setting.repeats, warmup=0)
+    cpu: dict[str, list[float]] = {n: [] for n in models}
+    times = time_interleaved({n: _synced(loop(n, sampler, counters[n]), device, n, cpu[n]) for n in models},
+                             setting.repeats, warmup=0)
     rows = []
     first = next(iter(models))
-    base = statistics.median(times[first])
+    base, base_cpu = statistics.median(times[first]), statistics.median(cpu[first])
     for name, m in models.items():
-        sec = statistics.median(times[name])
+        sec, sec_cpu = statistics.median(times[name]), statistics.median(cpu[name])
         ideal = flops[first] / flops[name]
-        fam = family_of(m)
         rows.append({
-            "setting": setting.label, "model": name, "kind": fam.student_kind(m.config), "batch": setting.batch,
+            "setting": setting.label, "model": name, "kind": family_of(m).student_kind(m.config), "batch": setting.batch,
             "steps": sampler.steps, "method": sampler.method, "cfg_scale": sampler.cfg_scale,
             "latent_shape": list(shape), "gflops_per_image": flops[name] / 1e9,
             "flops_ratio": flops[name] / flops[first], "seconds_per_loop": sec, "all_seconds": times[name],
+            "cpu_seconds_per_loop": sec_cpu, "all_cpu_seconds": cpu[name],
             "images_per_s": setting.batch / sec, "speedup": base / sec, "ideal_speedup": ideal,
-            "realised_over_ideal": (base / sec) / ideal,
+            "realised_over_ideal": (base / sec) / ideal, "speedup_cpu_time": base_cpu / sec_cpu,
             "router_patterns": len(counters[name].seen) if getattr(m.config, "dynamic", False) else None,
         })
     return rows
@@ -250,18 +252,22 @@ def _registered(name: str) -> bool:
     return True
 
 
-def _synced(fn, device: torch.device, name: str):
-    """`fn` with the device drained before and after (CUDA is asynchronous), and a line on stderr."""
+def _synced(fn, device: torch.device, name: str, cpu: list[float]):
+    """`fn` with the device drained before and after (CUDA is asynchronous), its process CPU time appended
+    to `cpu` (with one thread, a measure of the work that other jobs on a shared machine do not inflate),
+    and a line on stderr."""
     import time
 
     def run() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        print(f"[benchmark sample] {name}: one loop in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
+        cpu.append(time.process_time() - c0)
+        print(f"[benchmark sample] {name}: one loop in {time.perf_counter() - t0:.2f}s ({cpu[-1]:.2f}s CPU)",
+              file=sys.stderr, flush=True)
 
     return run
 
@@ -308,7 +314,8 @@ def run_case(case: Case, quickstart: Optional[str] = None) -> dict[str, Any]:
 def format_report(res: dict[str, Any]) -> str:
     lines = [f"sample benchmark ({res['case']}): {res['device']} {res['dtype']}, torch {res['torch']}, {res['threads']} "
              f"threads on {res['cpus']} CPUs, load average before/after {res['load_before'][0]:.2f}/{res['load_after'][0]:.2f}", ""]
-    header = f"{'model':<24}{'GFLOPs/img':>12}{'FLOPs':>7}{'img/s':>9}{'s/loop':>9}{'speed-up':>10}{'ideal':>8}{'real/ideal':>11}{'patterns':>9}"
+    header = (f"{'model':<24}{'GFLOPs/img':>12}{'FLOPs':>7}{'img/s':>9}{'s/loop':>9}{'speed-up':>10}{'ideal':>8}"
+              f"{'real/ideal':>11}{'CPU-time':>10}{'patterns':>9}")
     setting = None
     for r in res["rows"]:
         if r["setting"] != setting:
@@ -317,7 +324,8 @@ def format_report(res: dict[str, Any]) -> str:
                       f"latent {tuple(r['latent_shape'])}", header]
         pat = "—" if r["router_patterns"] is None else str(r["router_patterns"])
         lines.append(f"{r['model']:<24}{r['gflops_per_image']:>12.4g}{r['flops_ratio']:>7.3f}{r['images_per_s']:>9.3f}"
-                     f"{r['seconds_per_loop']:>9.2f}{r['speedup']:>9.2f}x{r['ideal_speedup']:>7.2f}x{r['realised_over_ideal']:>11.2f}{pat:>9}")
+                     f"{r['seconds_per_loop']:>9.2f}{r['speedup']:>9.2f}x{r['ideal_speedup']:>7.2f}x{r['realised_over_ideal']:>11.2f}"
+                     f"{r['speedup_cpu_time']:>9.2f}x{pat:>9}")
     for label, why in res["skipped"].items():
         lines.append(f"skipped {label}: {why}")
     if res["schedule_fit"]:
@@ -325,6 +333,8 @@ def format_report(res: dict[str, Any]) -> str:
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["schedule_fit"].items())]
     lines += ["", "GFLOPs/img: multiply-adds of the whole loop per image (guided batch counted; realised for dynamic",
               "models). FLOPs: ratio to the teacher. ideal = 1 / FLOPs ratio; real/ideal = measured speed-up / ideal.",
+              "CPU-time: the speed-up in process CPU time (with --threads 1 a measure of the work done that other",
+              "jobs on a shared machine do not inflate; wall time is what counts on a dedicated one).",
               "patterns: distinct width patterns (heads + channel groups of every layer) the dynamic loop used.",
               "Decoding (VAE) is not timed."]
     return "\n".join(lines)
