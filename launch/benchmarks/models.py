@@ -133,40 +133,43 @@ def randomize_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def fix_width_router_(router: torch.nn.Module, on: int) -> None:
+    """A width router that turns on its first `on` units (unit 0 included) for every t: weights 0, biases ±10."""
+    with torch.no_grad():
+        router.router.weight.zero_()
+        router.router.bias.copy_(torch.where(torch.arange(router.router.bias.numel()) < on - 1, 10.0, -10.0))
+
+
+def keep_tokens_hook(keep: float) -> Callable[..., None]:
+    """A forward pre-hook for a `TokenSelect`: sets its final bias to the quantile of its own logits that
+    keeps the fraction `keep` of the tokens it actually sees (run one calibration forward, then remove)."""
+
+    def calibrate(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        last = module.mlp_head[2]
+        with torch.no_grad():
+            last.bias.zero_()
+            logits = module.mlp_head(inputs[0]).float().flatten()
+            last.bias.fill_(-float(torch.quantile(logits, 1.0 - keep)) + 1e-4)
+
+    return calibrate
+
+
 def drive_routers_(model: torch.nn.Module, case: DynamicCase, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
     """Deterministic routing at a chosen width and token fraction.
 
     Width routers: weights 0 and biases ±10, so the first `heads_on` heads and `groups_on` groups
-    are on for every t. Token routers: calibrated to keep `token_keep` of the tokens (see below).
+    are on for every t. Token routers: one calibration pass where a pre-hook sets each block's final
+    bias to the quantile of its own logits that keeps `token_keep` of the tokens it actually sees.
     """
-    with torch.no_grad():
-        for block in model.blocks:
-            for router, on in ((block.attn_rate.router, case.heads_on), (block.mlp_rate.router, case.groups_on)):
-                router.weight.zero_()
-                router.bias.copy_(torch.where(torch.arange(router.bias.numel()) < on - 1, 10.0, -10.0))
-    calibrate_token_routers_(model, case.token_keep, x, t, y)
-
-
-def calibrate_token_routers_(model: torch.nn.Module, keep: float, *inputs: torch.Tensor, **kwargs: Any) -> None:
-    """One pass of `model(*inputs, **kwargs)` in which a pre-hook sets each block's token-router output bias to the
-    quantile of its own logits that keeps `keep` of the tokens it actually sees."""
     handles = []
-
-    def calibrate(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        last = module.mlp_head[2]
-        with torch.no_grad():
-            last.bias.zero_()
-            logits = module.mlp_head(args[0]).float().flatten()
-            last.bias.fill_(-float(torch.quantile(logits, 1.0 - keep)) + 1e-4)
-
     for block in model.blocks:
-        handles.append(block.token_selection.register_forward_pre_hook(calibrate))
-    try:
-        with torch.no_grad():
-            model(*inputs, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+        fix_width_router_(block.attn_rate, case.heads_on)
+        fix_width_router_(block.mlp_rate, case.groups_on)
+        handles.append(block.token_selection.register_forward_pre_hook(keep_tokens_hook(case.token_keep)))
+    with torch.no_grad():
+        model(x, t, y)
+    for h in handles:
+        h.remove()
 
 
 def bench_dynamic(case: DynamicCase) -> dict[str, Any]:

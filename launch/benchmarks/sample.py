@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from launch.benchmarks.models import calibrate_token_routers_, randomize_, time_interleaved
+from launch.benchmarks.models import keep_tokens_hook, randomize_, time_interleaved
 from models import build_model, family_of, model_config
 from models.diffusion import build_objective
 from models.inherit import default_exclude, inherit_weights
@@ -151,7 +151,11 @@ def build_setting(setting: Setting, device: torch.device, dtype: torch.dtype, ob
         if getattr(m.config, "dynamic", False) and getattr(m.config, "token_routing", False):
             x = torch.randn(setting.batch, *shape, device=device, dtype=dtype)
             t = torch.full((setting.batch,), float(t_model[len(t_model) // 2]), device=device)
-            calibrate_token_routers_(m, TOKEN_KEEP, x, t, **condition(m, setting.batch, device))
+            handles = [b.token_selection.register_forward_pre_hook(keep_tokens_hook(TOKEN_KEEP)) for b in m.blocks]
+            with torch.no_grad():
+                m(x, t, **condition(m, setting.batch, device))  # one calibration pass at a mid-schedule t
+            for h in handles:
+                h.remove()
     return models, fits
 
 
