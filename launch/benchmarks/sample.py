@@ -174,17 +174,23 @@ def quickstart_models(directory: str) -> tuple[dict[str, nn.Module], Any]:
 
 
 def condition(model: nn.Module, n: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The condition of n benchmark samples: classes in turn, or random text embeddings of the sizes a text
-    family's config names (T5-XXL's 300 × 4096 and CLIP's 768 when it names none)."""
-    spec = family_of(model).conditioning(model.config)
+    """The condition of n benchmark samples: classes in turn, or random text embeddings (masks all on) of
+    the shapes the family's `example_batch` gives where it has one, else of the sizes its config names
+    (T5-XXL's 300 × 4096 and CLIP's 768 when it names none)."""
+    family = family_of(model)
+    spec = family.conditioning(model.config)
     if spec.kind == "class":
         return model.condition({"y": class_labels(0, torch.arange(n), model.config.num_classes, balanced=True).to(device)})
     cfg = model.config
-    dim = _first(cfg, ("text_dim", "caption_channels", "context_in_dim"), 4096)
-    length = _first(cfg, ("text_len", "max_text_len", "model_max_length"), 300)
+    try:
+        shapes = {k: tuple(v.shape) for k, v in family.example_batch(cfg, n).items()}
+    except (AttributeError, NotImplementedError):
+        length = _first(cfg, ("text_len", "max_text_len", "model_max_length"), 300)
+        shapes = {"text_emb": (n, length, _first(cfg, ("text_dim", "caption_channels", "context_in_dim"), 4096)),
+                  "text_mask": (n, length), "text_pooled": (n, _first(cfg, ("pooled_dim", "vec_in_dim"), 768))}
     g = torch.Generator().manual_seed(0)
-    batch = {"text_emb": torch.randn(n, length, dim, generator=g).to(device), "text_mask": torch.ones(n, length, dtype=torch.bool, device=device),
-             "text_pooled": torch.randn(n, _first(cfg, ("pooled_dim", "vec_in_dim"), 768), generator=g).to(device)}
+    batch = {k: (torch.ones(shape, dtype=torch.bool) if k == "text_mask" else torch.randn(shape, generator=g)).to(device)
+             for k, shape in shapes.items()}
     return model.condition({k: batch[k] for k in spec.batch_keys})
 
 
