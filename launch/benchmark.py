@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUITES = ("models", "step", "data", "kernels", "checkpoint", "text-storage", "teacher_load", "pixart", "pixart-routing",
-          "flux")
+          "flux", "sample")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,10 +108,10 @@ def test_run_directory_tensorboard_and_metrics(tmp_path):
     saved = np.asarray(Image.open(run / "samples" / "samples_ema_00000004.png").convert("RGB"), dtype=np.int16)
     assert grid.step == 4 and shown.shape == saved.shape and np.abs(shown - saved).max() <= 1  # rounding only
     assert shown.std() > 0  # a picture, not a blank
-    for tag, rows in (("routers/heads", 2 * 4), ("routers/channels", 2 * 4)):  # (layers · units) × timesteps
+    for tag in ("routers/heads", "routers/channels"):  # labelled figures; their values: tests/test_trainer_eval.py
         (img,) = ea.Images(tag)
         pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)).convert("L"))
-        assert pixels.shape == (rows, 32) and (pixels == 255).all(), tag
+        assert img.step == 4 and pixels.std() > 0, tag
 
 
 def test_distillation_from_a_teacher_file_lowers_the_kd_loss(tmp_path):

@@ -149,12 +149,20 @@ class CheckpointConfig:
 
 @dataclass
 class SampleConfig:
-    every: int = 0  # 0 = never during training
+    every: int = 0  # sample grids (and router plots of a dynamic student) every n steps; 0 = never
     num: int = 16
     steps: int = 50
     method: str = "ddpm"  # ddpm | ddim | euler
     cfg_scale: float = 1.5
     seed: int = 0
+    # quality vs step: every n steps, eval_num samples of the EMA student (and the teacher) from per-sample
+    # seeds, distributed over the ranks; FID with a local Inception file, and the teacher-relative error
+    eval_every: int = 0  # 0 = never
+    eval_num: int = 5000
+    eval_batch: int = 32  # samples per chunk (fixed, so the values do not depend on the world size)
+    inception: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth; none: only the weight-free metrics
+    fid_ref: Optional[str] = None  # reference for FID: ADM batch .npz (mu/sigma), images or shards
+    vae: Optional[str] = None  # local diffusers AutoencoderKL that decodes a latent model's samples to images
 
 
 @dataclass
@@ -271,6 +279,7 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.optim.fused == "apex" and kind == "fsdp":
         raise _fail("optim.fused", "apex", "apex's FusedAdam cannot drive FSDP2's sharded (DTensor) parameters; use "
                     "optim.fused=auto (torch's fused AdamW) or another engine")
+    _validate_sample(cfg)
     if cfg.engine.collective_timeout_s <= 0:
         raise _fail("engine.collective_timeout_s", cfg.engine.collective_timeout_s, "a positive number of seconds")
     for key, lowest in (("checkpoint.every", 1), ("train.max_nonfinite", 1), ("checkpoint.keep_last", 0), ("checkpoint.keep_every", 0)):
@@ -313,6 +322,40 @@ def _validate_peft(cfg: RunConfig, engine_kind: str) -> None:
     if engine_kind == "deepspeed":
         raise _fail("peft.method", cfg.peft.method, "not supported with engine.kind=deepspeed (its checkpoints hold the "
                     "whole model); use engine.kind=fsdp, which shards the frozen base and saves only the adapters")
+
+
+SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler",)}
+
+
+def _validate_sample(cfg: RunConfig) -> None:
+    """The sampling keys: grids and the quality evaluation sample with `sample.method`, which must fit the
+    objective; the evaluation's files must exist and it must have something to compute."""
+    s = cfg.sample
+    for key, low in (("sample.every", 0), ("sample.eval_every", 0), ("sample.num", 1), ("sample.steps", 1), ("sample.eval_batch", 1)):
+        if _get(cfg, key) < low:
+            raise _fail(key, _get(cfg, key), f">= {low}")
+    if (s.every or s.eval_every) and s.method not in SAMPLERS[cfg.diffusion.objective]:
+        raise _fail("sample.method", s.method, f"a {cfg.diffusion.objective} sampler: one of {SAMPLERS[cfg.diffusion.objective]}")
+    if s.cfg_scale <= 0:
+        raise _fail("sample.cfg_scale", s.cfg_scale, "> 0 (1 = no guidance)")
+    for key in ("sample.inception", "sample.fid_ref", "sample.vae"):
+        value = _get(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise _fail(key, value, "no such file or directory (nothing is downloaded)")
+    if not s.eval_every:
+        return
+    if s.eval_num < 2:
+        raise _fail("sample.eval_num", s.eval_num, ">= 2 samples (a covariance needs two)")
+    if s.fid_ref is not None and s.inception is None:
+        raise _fail("sample.fid_ref", s.fid_ref, "FID needs the Inception network: set sample.inception (its weights file)")
+    from trainer.step import teacher_needed
+
+    if s.inception is None and not (cfg.teacher is not None and teacher_needed(cfg)):
+        raise _fail("sample.eval_every", s.eval_every, "nothing to compute: set sample.inception (FID) or distil from a "
+                    "teacher (the teacher-relative error); the teacher is only run when a loss reads it")
+    if s.inception is not None and cfg.data.input == "latent" and s.vae is None:
+        raise _fail("sample.inception", s.inception, "FID needs images but the model makes latents: set sample.vae (the "
+                    "local diffusers AutoencoderKL directory that decodes them)")
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig) -> ConfigError:

@@ -49,29 +49,19 @@ def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
     raise CheckpointError(f"no valid checkpoint under {root}" + (f": {'; '.join(reasons)}" if reasons else ""))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None,
-               merge_lora: bool = False, diffusers_lora: bool = False) -> dict[str, Path]:
-    """Write `student.safetensors` and `ema.safetensors`; returns their paths.
-
-    A PEFT run (`peft.method`) is rebuilt from its base (the teacher or init file, which must be where
-    the run's config says) and its trainable tensors: by default the adapters are kept (the file loads
-    back through `models.load_pretrained` as trained); `merge_lora` folds plain LoRA into the weights
-    (TD-LoRA stays a runtime module: its update depends on t); `diffusers_lora` also writes the plain
-    LoRA adapters in diffusers' `load_lora_weights` layout (`<out>/<name>_lora/`)."""
+def run_weights(run_dir: str | Path, step: int | None = None) -> tuple[dict[str, dict], object, Path]:
+    """({"student": state dict, "ema": state dict}, model config, checkpoint dir) of a run's newest valid
+    checkpoint (or `step`), consolidated in memory: what `export_run` writes and `launch.sample` samples."""
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, step)
     cfg = read_run_config(run_dir, ckpt)
     mcfg = student_config(cfg)
     manifest = read_manifest(ckpt) or {}
-    fmt = manifest.get("format", "dcp")
     if manifest.get("peft"):
-        if fmt != "dcp":
-            raise CheckpointError(f"{ckpt}: a PEFT checkpoint in the {fmt!r} format is not supported")
-        return _export_peft(cfg, ckpt, manifest, Path(out_dir) if out_dir is not None else ckpt, merge_lora,
-                            diffusers_lora)
-    if merge_lora or diffusers_lora:
-        raise CheckpointError(f"{ckpt} was trained without peft (peft.method=none): it has no LoRA adapters to "
-                              "merge or export; drop --merge-lora / --diffusers-lora")
+        raise CheckpointError(f"{ckpt} holds only LoRA adapters (peft.method={cfg.peft.method}), not whole weights: "
+                              f"export it first (python -m launch.export {run_dir}) and use the exported "
+                              "ema.safetensors, which carries base and adapters")
+    fmt = manifest.get("format", "dcp")
     if fmt == "dcp":
         student, ema = build_model(mcfg), build_model(mcfg)
         state = {"engine": {"student": student.state_dict(), "ema": ema.state_dict()}}
@@ -81,6 +71,30 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int
         tensors = _deepspeed_tensors(ckpt, build_model(mcfg))
     else:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r}")
+    return tensors, mcfg, ckpt
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None,
+               merge_lora: bool = False, diffusers_lora: bool = False) -> dict[str, Path]:
+    """Write `student.safetensors` and `ema.safetensors`; returns their paths.
+
+    A PEFT run (`peft.method`) is rebuilt from its base (the teacher or init file, which must be where
+    the run's config says) and its trainable tensors: by default the adapters are kept (the file loads
+    back through `models.load_pretrained` as trained); `merge_lora` folds plain LoRA into the weights
+    (TD-LoRA stays a runtime module: its update depends on t); `diffusers_lora` also writes the plain
+    LoRA adapters in diffusers' `load_lora_weights` layout (`<out>/<name>_lora/`)."""
+    ckpt = checkpoint_dir(Path(run_dir), step)
+    manifest = read_manifest(ckpt) or {}
+    if manifest.get("peft"):
+        if manifest.get("format", "dcp") != "dcp":
+            raise CheckpointError(f"{ckpt}: a PEFT checkpoint in the {manifest['format']!r} format is not supported")
+        cfg = read_run_config(Path(run_dir), ckpt)
+        return _export_peft(cfg, ckpt, manifest, Path(out_dir) if out_dir is not None else ckpt, merge_lora,
+                            diffusers_lora)
+    if merge_lora or diffusers_lora:
+        raise CheckpointError(f"{ckpt} was trained without peft (peft.method=none): it has no LoRA adapters to "
+                              "merge or export; drop --merge-lora / --diffusers-lora")
+    tensors, mcfg, ckpt = run_weights(run_dir, parse_step(ckpt))
     out = Path(out_dir) if out_dir is not None else ckpt
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

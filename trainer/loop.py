@@ -27,7 +27,7 @@ from trainer.checkpoint import (
 from trainer.config import RunConfig, config_hash, to_yaml
 from trainer.distributed import DistEnv, agree, all_reduce_mean, destroy_distributed, init_distributed
 from trainer.engines import build_engine
-from trainer.evaluate import router_map, sample_images
+from trainer.evaluate import evaluate_quality, router_map, sample_images
 from trainer.faults import Faults
 from trainer.monitor import Monitor, peak_memory_gb
 from trainer import peft
@@ -135,7 +135,7 @@ def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
                 with watch.section("data"):
                     batch = faults.batch(step + 1, env.rank, next(data_iter))
                 if eval_batch is None:
-                    eval_batch = _eval_rows(batch, engine.raw_student, cfg.sample.num)
+                    eval_batch = _eval_rows(batch, engine.raw_student, max(cfg.sample.num, cfg.sample.eval_num))
                 with engine.accumulate(a == accum - 1):
                     micro = step_fn(batch, step, watch, 1.0 / accum, micro=a)
                 for k, v in micro.items():
@@ -160,6 +160,9 @@ def _train(cfg: RunConfig, env: DistEnv, preempt: PreemptionFlag) -> RunResult:
             if _every(step, cfg.sample.every):
                 watchdog.arm(f"evaluation after step {step}")
                 _evaluate(cfg, engine, objective, monitor, step, eval_batch)
+            if _every(step, cfg.sample.eval_every):
+                watchdog.arm(f"quality evaluation after step {step}")
+                monitor.evaluation(step, evaluate_quality(cfg, engine, objective, step, eval_batch))
             if _every(step, cfg.checkpoint.every) or stop or step == cfg.train.steps:
                 watchdog.arm(f"checkpoint of step {step}")
                 _save(ckpt, engine_app=app, state=state, loader=loader, step=step, blocking=stop or step == cfg.train.steps)
@@ -275,8 +278,7 @@ def _evaluate(cfg: RunConfig, engine, objective, monitor: Monitor, step: int, ba
         grids[name] = sample_images(module, raw, objective, cfg.sample, engine.env.device, engine.autocast(), batch)
         monitor.images(step, f"samples/{name}", grids[name])
         if i == 0 and raw.config.dynamic:  # the routers of the student (its EMA when there is one)
-            for k, m in router_map(module, raw, objective, engine.env.device, batch=batch).items():
-                monitor.heatmap(step, f"routers/{k}", m)
+            monitor.router_plots(step, router_map(module, raw, objective, cfg.sample, engine.env.device, batch, engine.autocast()))
     if len(grids) > 1:  # each cell: student | teacher, same noise and label
         monitor.images(step, "samples/" + "_vs_".join(grids), torch.cat(list(grids.values()), dim=-1))
     if dist.is_initialized():

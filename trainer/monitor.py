@@ -14,6 +14,8 @@ import torch
 
 from trainer.distributed import DistEnv
 
+EVAL_JSONL = "eval.jsonl"  # quality vs step (sample.eval_every), kept apart from the per-step losses
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory, or the process's peak resident set size on the CPU."""
@@ -50,6 +52,7 @@ class Monitor:
 
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             truncate_jsonl(self.run_dir / "metrics.jsonl", start_step)
+            truncate_jsonl(self.run_dir / EVAL_JSONL, start_step)
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
             if progress:
@@ -57,12 +60,15 @@ class Monitor:
 
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
+    def _add_scalars(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        self._add_scalars(step, values)
         record: dict[str, Any] = {"step": step, **{k: v for k, v in values.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -84,15 +90,32 @@ class Monitor:
         self.writer.add_image(tag, grid, step)
         save_image(grid, self.run_dir / "samples" / f"{tag.replace('/', '_')}_{step:08d}.png")
 
-    def heatmap(self, step: int, tag: str, matrix: torch.Tensor) -> None:
-        """A (rows, cols) matrix in [0, 1] as a grey image (e.g. active units per layer × timestep)."""
+    def evaluation(self, step: int, values: dict[str, float]) -> None:
+        """Quality metrics of one evaluation: TensorBoard scalars and a line of `<run>/eval.jsonl`."""
         if self.writer is None:
             return
-        from torchvision.utils import save_image
+        self._add_scalars(step, values)
+        with open(self.run_dir / EVAL_JSONL, "a") as f:
+            f.write(json.dumps({"step": step, **{k: v if math.isfinite(v) else str(v) for k, v in values.items()}}) + "\n")
+        self.writer.flush()
 
-        img = matrix.float().clamp(0, 1).unsqueeze(0)
-        self.writer.add_image(tag, img, step)
-        save_image(img, self.run_dir / "samples" / f"{tag.replace('/', '_')}_{step:08d}.png")
+    def figure(self, step: int, tag: str, fig) -> None:
+        """A matplotlib figure as a TensorBoard image and `samples/<tag>_<step>.png` (closed afterwards)."""
+        import matplotlib.pyplot as plt
+
+        if self.writer is not None:
+            fig.savefig(self.run_dir / "samples" / f"{tag.replace('/', '_')}_{step:08d}.png")
+            self.writer.add_figure(tag, fig, step, close=False)
+        plt.close(fig)
+
+    def router_plots(self, step: int, rmap) -> None:
+        """A dynamic student's router maps and per-layer FLOPs curves (see `trainer.router_plots`)."""
+        if self.writer is None:
+            return
+        from trainer.router_plots import router_figures
+
+        for tag, fig in router_figures(rmap).items():
+            self.figure(step, tag, fig)
 
     def text(self, message: str) -> None:
         if self.env.is_main:

@@ -105,12 +105,15 @@ def sample(
     seq_len: int | None = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    step_noise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (B, C, ...) to x0 with `steps` steps of `method` ("ddpm", "ddim" or "euler").
 
     DDPM/DDIM need a `GaussianDiffusion` (respaced to `steps`, DiT spacing), Euler a
     `RectifiedFlow`. `eta` is DDIM's stochasticity (0 = deterministic); `seq_len` is the image token
-    count for a resolution-shifted flow; `generator` (on noise's device) draws the per-step noise.
+    count for a resolution-shifted flow; `generator` (on noise's device) draws the per-step noise,
+    unless `step_noise(i, x)` gives step i's noise shaped like x (per-sample counter-based noise, so
+    a sample's trajectory does not depend on the batch it shares: `trainer.sampling`).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
@@ -139,12 +142,13 @@ def sample(
         index = process.num_timesteps - 1 - i  # the respaced step, counting down
         t = torch.full((batch,), index, dtype=torch.long, device=noise.device)
         needs_noise = index > 0 and (method == "ddpm" or eta > 0)
-        step_noise = (
-            torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if needs_noise else None
-        )
+        noise_i = None
+        if needs_noise:
+            noise_i = (step_noise(i, x).to(x.dtype) if step_noise is not None
+                       else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
         out = model_output(x, i)
         if method == "ddpm":
-            x = process.ddpm_step(out, x, t, step_noise)
+            x = process.ddpm_step(out, x, t, noise_i)
         else:
-            x = process.ddim_step(out, x, t, step_noise, eta)
+            x = process.ddim_step(out, x, t, noise_i, eta)
     return x
