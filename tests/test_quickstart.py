@@ -1,6 +1,7 @@
 """`python -m launch.quickstart --quick`: the README's first command, as a smoke run of every stage
 (tiny models, a few steps, a few samples), then again into the same directory to check reuse."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,15 @@ def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path
         assert 0.0 < rows[name]["flops_ratio"] <= 1.0 and rows[name]["flops_target"] <= 0.8
         assert rows[name]["gflops"] <= rows[name]["gflops_static"]
     assert rows["lit"]["flops_ratio"] is None
+    teacher = torch.load(out / "eval" / "teacher.samples.pt")
+    assert rows["teacher"]["teacher_mse"] is None
+    for name in MODELS[1:]:  # the teacher-relative error: the saved samples, paired, pixels in [0, 1]
+        student = torch.load(out / "eval" / f"{name}.samples.pt")
+        assert student.shape == teacher.shape == (report["eval"]["samples"], 1, 8, 8)
+        u8 = lambda x: torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8).double() / 255  # noqa: E731
+        want = float(((u8(student) - u8(teacher)) ** 2).mean())
+        assert rows[name]["teacher_mse"] == pytest.approx(want, rel=1e-12) and want > 0
+        assert rows[name]["teacher_psnr"] == pytest.approx(-10 * math.log10(want), rel=1e-12)
     assert set(report["bars"]) == {"teacher_accuracy_ge_0.80", *(f"{s}_accuracy_ge_0.9x_teacher" for s in MODELS[1:])}
     assert report["eval"]["samples"] > 0 and report["timing"]["batch"] > 0
     assert "| teacher |" in first.stdout and (out / "report.md").read_text().startswith("# Quickstart report")

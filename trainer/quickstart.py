@@ -10,7 +10,8 @@ an interrupted training stage resumes from its last checkpoint):
                 adapters on the frozen inherited base (`PEFT_OVERRIDES`), compared with the full fine-tunes
 4. `classifier` a CNN on the real digits (`trainer.digits_eval`)
 5. `eval/<m>`   fixed-seed class-conditional samples of each model: accuracy, Fréchet distance, the
-                realised FLOPs of what actually ran, a PNG grid
+                realised FLOPs of what actually ran, a PNG grid; each student's error relative to the
+                teacher's samples from the same noise and labels (MSE, PSNR)
 6. `timing`     sampling wall time of every model, same sampler / steps / batch, relative to the teacher
 7. `report.json`, `report.md` and the printed table (always rewritten)
 
@@ -395,7 +396,7 @@ def eval_stage(name: str, weights: Path, opts: Options, classifier, reference) -
     png = opts.out / f"samples_{name}.png"
     key = {"weights_digest": sha, "settings": asdict(ev)}
     saved = _read_json(path)
-    if saved is not None and saved.get("key") == key and png.exists():
+    if saved is not None and saved.get("key") == key and png.exists() and samples_path(opts, name).exists():
         _log(f"{name}: reusing samples and scores ({path})")
         return {**saved, "reused": True}
 
@@ -408,6 +409,8 @@ def eval_stage(name: str, weights: Path, opts: Options, classifier, reference) -
     sample_s = time.perf_counter() - t0
     scores = score(classifier, images, labels, reference)
     save_grid(images, png)
+    samples_path(opts, name).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(images, samples_path(opts, name))  # the teacher-relative error pairs them sample by sample
     rec = {
         "key": key, "model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         **scores, **flops_of(model, records), "sample_s": sample_s, "grid": str(png),
@@ -416,6 +419,28 @@ def eval_stage(name: str, weights: Path, opts: Options, classifier, reference) -
     extra = f", realised FLOPs ratio {rec['flops_ratio']:.3f}" if "flops_ratio" in rec else ""
     _log(f"{name}: accuracy {rec['accuracy']:.3f}, FD {rec['fd']:.2f} on {rec['n']} samples{extra} ({sample_s:.0f}s)")
     return {**rec, "reused": False}
+
+
+def samples_path(opts: Options, name: str) -> Path:
+    return opts.out / "eval" / f"{name}.samples.pt"
+
+
+def teacher_relative(opts: Options) -> dict[str, dict[str, float]]:
+    """Each model's samples against the teacher's from the same noise and labels (sample i ↔ sample i):
+    MSE of the images in [-1, 1] ("teacher_mse_latents": pixel space is the model's space here), and of
+    their uint8 renderings scaled to [0, 1] with the PSNR (`trainer.evaluate.PairedError`, the measure
+    `launch.evaluate --metrics teacher_mse` and `sample.eval_every` log)."""
+    from trainer.evaluate import PairedError
+    from trainer.sampling import to_uint8
+
+    teacher = torch.load(samples_path(opts, "teacher"))
+    out = {}
+    for name in opts.models()[1:]:
+        student = torch.load(samples_path(opts, name))
+        err = PairedError()
+        err.add(student, teacher, to_uint8(student), to_uint8(teacher))
+        out[name] = err.values()
+    return out
 
 
 def evaluate_all(weights: dict[str, Path], opts: Options, classifier, reference) -> dict[str, dict]:
@@ -496,6 +521,7 @@ def run(opts: Options) -> dict:
     evals = evaluate_all(weights, opts, classifier, reference)
     timing = timing_stage(weights, opts)
     floor = real_floor(classifier, opts.eval.samples, reference, seed=opts.eval.seed)
-    report = build_report(opts, stages, evals, timing, classifier_info, floor, time.perf_counter() - t0)
+    relative = teacher_relative(opts)
+    report = build_report(opts, stages, evals, timing, classifier_info, floor, time.perf_counter() - t0, relative)
     write_report(report, opts.out)
     return report

@@ -26,7 +26,8 @@ def bars(evals: dict[str, dict], stages: dict[str, dict] | None = None) -> dict:
 
 
 def build_report(opts, stages: dict, evals: dict, timing: dict, classifier_info: dict, floor: float,
-                 wall_s: float) -> dict:
+                 wall_s: float, relative: dict[str, dict[str, float]] | None = None) -> dict:
+    relative = relative or {}
     teacher_gflops = evals["teacher"]["gflops"]
     rows = []
     for name in evals:
@@ -45,6 +46,8 @@ def build_report(opts, stages: dict, evals: dict, timing: dict, classifier_info:
             "trainable_vs_full": (s["trainable_params"] / stages[full]["trainable_params"]
                                   if s.get("trainable_params") and stages[full].get("trainable_params") else None),
             "accuracy_vs_full": e["accuracy"] / max(evals[full]["accuracy"], 1e-9) if full != "teacher" else None,
+            "teacher_mse": relative.get(name, {}).get("teacher_mse_images"),
+            "teacher_psnr": relative.get(name, {}).get("teacher_psnr_images"),
         })
     return {
         "out": str(opts.out), "quick": opts.quick, "data": opts.data, "wall_s": wall_s,
@@ -60,8 +63,8 @@ def table(report: dict) -> str:
     ev = report["eval"]
     lines = [
         "| model | arch | params (M) | GFLOPs/fwd | vs teacher | FLOPs ratio (λ) | accuracy | vs teacher | FD | "
-        "sample time (s) | vs teacher |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "sample time (s) | vs teacher | MSE vs teacher's samples (PSNR) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lam = "—" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f} ({r['flops_target']})"
@@ -70,11 +73,12 @@ def table(report: dict) -> str:
             f"| {r['model']} | {r['arch']} | {r['params_m']:.2f} | {r['gflops']:.4f} | {r['gflops_vs_teacher']:.2f}x | "
             f"{lam} | {r['accuracy']:.3f} | {r['accuracy_vs_teacher']:.2f} | {r['fd']:.2f} | "
             + (f"{r['sample_time_s']:.2f} | {r['sample_time_vs_teacher']:.2f}x |" if timed else "— | — |")
+            + (f" {r['teacher_mse']:.4f} ({r['teacher_psnr']:.1f} dB) |" if r.get("teacher_mse") is not None else " — |")
         )
     c = report["classifier"]
     lines.append(
         f"| real digits | — | — | — | — | — | {c['held_out_accuracy']:.3f} (held out) | — | "
-        f"{report['real_fd_floor']:.2f} (floor) | — | — |"
+        f"{report['real_fd_floor']:.2f} (floor) | — | — | — |"
     )
     t = report["timing"]
     notes = [
@@ -85,6 +89,8 @@ def table(report: dict) -> str:
         "GFLOPs: multiply-adds per forward per sample (DiT convention); static for static models, realised "
         "(units the routers switched on while sampling) for dynamic ones. FLOPs ratio: DyDiT's attention+MLP "
         "ratio as realised while sampling (target λ in brackets).",
+        "MSE vs teacher's samples: each student's samples against the teacher's from the same noise and labels, "
+        "pixels in [0, 1] (PSNR in brackets): how closely the student reproduces its teacher, not just the data.",
         f"Sample time: median of {len(next(iter(t['repeats'].values())))} timed runs of {t['batch']} samples "
         f"({t['method']} {t['steps']} steps, guidance batch x2) after a warm-up, {t['threads']} CPU thread(s).",
     ]
