@@ -19,7 +19,7 @@ from models.family import Checkpoint, ConditionSpec, ModelFamily, register_famil
 from models.pixart import PixArt
 from models.pixart_config import LIT_HEADS, SIZES, VAE_DOWNSAMPLE, PixArtConfig
 from models.pixart_convert import describe, diffusers_linear_names, looks_like_pixart, pixart_checkpoint
-from models.pixart_flops import realised_flops, static_flops
+from models.pixart_flops import realised_parts, static_flops
 from models.weights_io import RawWeights
 
 KINDS = ("pixart", "lit", "dydit", "dylit")
@@ -108,9 +108,9 @@ class PixArtFamily(ModelFamily):
     def flops(self, cfg: PixArtConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None) -> dict[str, float]:
         return static_flops(cfg, latent_hw, text_len)
 
-    def realised_flops(self, cfg: PixArtConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                       text_len: int | None = None) -> torch.Tensor:
-        return realised_flops(cfg, dict(aux), latent_hw, text_len)
+    def realised_parts(self, cfg: PixArtConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                       text_len: int | None = None) -> dict[str, torch.Tensor]:
+        return realised_parts(cfg, dict(aux), latent_hw, text_len)
 
     def param_group(self, name: str) -> str:
         """adaLN-single's shared `t_block` counts as adaLN (the base rule would call it an embedding)."""
