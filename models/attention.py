@@ -229,7 +229,8 @@ def rope_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     """
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     with autocast_off(q.device.type):
-        qf, kf, vf = F.relu(q.to(acc)), F.relu(k.to(acc)), v.to(acc)
+        # q contiguous once: both matmuls below read it without a copy of their own (saved for backward)
+        qf, kf, vf = F.relu(q.to(acc).contiguous()), F.relu(k.to(acc)), v.to(acc)
         n = kf.shape[-2]
         kv = torch.matmul(apply_rope(kf, rope).transpose(-1, -2), vf) / n  # (B, H, d, d)
         num = torch.matmul(apply_rope(qf, rope), kv)
