@@ -66,6 +66,12 @@ class PixArtFamily(ModelFamily):
     def conditioning(self, cfg: PixArtConfig) -> ConditionSpec:
         return replace(TEXT, guidance=True) if cfg.guidance_embed else TEXT
 
+    def example_batch(self, cfg: PixArtConfig, n: int, text_len: int | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        length = cfg.model_max_length if text_len is None else text_len
+        return {"text_emb": torch.zeros(n, length, cfg.caption_channels, device=device),
+                "text_mask": torch.ones(n, length, dtype=torch.bool, device=device)}
+
     def latent_shape(self, cfg: PixArtConfig, resolution: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
         if resolution is None:
             return (cfg.in_channels, cfg.input_size, cfg.input_size)
