@@ -1,14 +1,13 @@
 """`python -m launch.info MODEL [--json] [--resolution R ...] [key=value ...]`: parameters and GFLOPs of a
-registry model. `python -m launch.info MODEL --plan --gpus N --gpu-mem G [--teacher T] ...`: its
-per-rank memory when distilled under FSDP2 (`trainer/memory_plan.py`).
+registry model. `python -m launch.info MODEL --plan --gpus N --gpu-mem G [--teacher T] [--peft none|lora|tdlora|all]
+...`: its per-rank memory when distilled under FSDP2, fully fine-tuned or with adapters (`trainer/memory_plan.py`).
 
 Thin: parse, build on the meta device (no weights are allocated, so `dit-xl/2` costs nothing), ask
 the model's family for the analytic counts, print. FLOPs are multiply-adds per image at the model's
 native resolution (the DiT paper's unit), so dit-xl/2 reads 118.6 GFLOPs as in the paper; a family
 that runs at any size (PixArt-Σ) also reports the resolutions it names (`report_resolutions`), and
 `--resolution 512 768x1024` asks for others (pixels, square or H×W).
-`--memory` adds the per-rank training memory of the model as a student under full fine-tuning, LoRA
-and TD-LoRA (`trainer/memory.py`: trainable parameters, optimizer bytes, peak estimate; meta device).
+`--memory` is a deprecated alias of `--plan --peft all`.
 """
 from __future__ import annotations
 
@@ -170,27 +169,44 @@ def teacher_of(name: str, overrides: dict[str, Any], teacher: str | None):
     return replace(model_config(name, **overrides), attention="softmax", dynamic=False).validate()
 
 
-def plan_info(args: argparse.Namespace, overrides: dict[str, Any], resolution=None) -> tuple[Any, str]:
-    from trainer.memory_plan import format_plan, plan_memory
+def peft_specs(args: argparse.Namespace) -> list[Any]:
+    """The adapter specs `--peft` asks for (None: full fine-tuning)."""
+    from models.lora import LoraSpec
+
+    specs = {"none": None, "lora": LoraSpec(method="lora", rank=args.rank),
+             "tdlora": LoraSpec(method="tdlora", rank=args.rank, experts=args.experts)}
+    return list(specs.values()) if args.peft == "all" else [specs[args.peft]]
+
+
+def plan_info(args: argparse.Namespace, overrides: dict[str, Any], resolution=None) -> tuple[list[Any], str]:
+    """The plans of `--plan` (one per `--peft` method) and their printed tables."""
+    from trainer.memory_plan import format_comparison, format_plan, plan_memory
 
     family, _ = resolve_name(args.model)
     check_types(family.config_cls, overrides)
     student = model_config(args.model, **overrides)
     teacher = teacher_of(args.model, overrides, args.teacher)
-    plan = plan_memory(student, teacher, args.gpus, args.gpu_mem, micro_batch=args.micro_batch,
-                       resolution=resolution, text_len=args.text_len, ac=args.ac,
-                       teacher_shard=not args.replicate_teacher, ema=not args.no_ema, reserve_gib=args.reserve)
+    plans = [plan_memory(student, teacher, args.gpus, args.gpu_mem, micro_batch=args.micro_batch,
+                         resolution=resolution, text_len=args.text_len, ac=args.ac,
+                         teacher_shard=not args.replicate_teacher, ema=not args.no_ema, reserve_gib=args.reserve,
+                         peft=spec) for spec in peft_specs(args)]
     what = f"{args.model} {overrides or ''}".strip()
     title = f"memory plan: student {what}, teacher {args.teacher or 'its static softmax configuration' if teacher else 'none'}"
-    return plan, format_plan(plan, title)
+    tables = [format_plan(p, title) for p in plans]
+    if len(plans) > 1:
+        tables.append(f"LoRA rank {args.rank} (TD-LoRA: {args.experts} experts) vs full fine-tuning, per rank:\n"
+                      + format_comparison(plans))
+    return plans, "\n\n".join(tables)
 
 
 def plan_json(plan: Any) -> dict[str, Any]:
     acts = plan.notes["activation_profile"]
-    return {"gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem / 2**30, "micro_batch": plan.micro_batch, "ac": plan.ac,
+    return {"method": plan.notes["method"], "trainable": plan.notes["trainable"],
+            "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem / 2**30, "micro_batch": plan.micro_batch, "ac": plan.ac,
             "rows_gib": {k: v / 2**30 for k, v in plan.rows.items()},
             "per_sample_gib": {k: v / 2**30 for k, v in plan.per_sample.items()},
             "total_gib": plan.total / 2**30, "fits": plan.fits, "max_micro_batch": plan.max_micro_batch,
+            "checkpoint_gib": plan.checkpoint_bytes / 2**30,
             "saved_bytes_per_token": acts.per_token(), "tokens": acts.tokens}
 
 
@@ -213,71 +229,34 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--replicate-teacher", action="store_true", help="teacher.shard: false")
     plan.add_argument("--no-ema", action="store_true", help="a run without the EMA copy")
     plan.add_argument("--reserve", type=float, default=4.0, help="GiB for CUDA context, NCCL, fragmentation (default 4)")
-    mem = parser.add_argument_group("training memory (--memory): full fine-tuning vs LoRA vs TD-LoRA, per rank")
-    mem.add_argument("--memory", action="store_true", help="plan the training memory of the model as a student")
-    mem.add_argument("--rank", type=int, default=32, help="LoRA rank (TD-LoRA: the total over its experts)")
-    mem.add_argument("--experts", type=int, default=4, help="TD-LoRA experts per layer")
-    mem.add_argument("--batch", type=int, default=32, help="micro-batch per rank")
-    mem.add_argument("--world", type=int, default=1, help="ranks (FSDP2 shards weights, gradients, optimizer, EMA)")
-    mem.add_argument("--engine", choices=("single", "ddp", "fsdp"), default="fsdp")
-    mem.add_argument("--activation-checkpointing", choices=("none", "full"), default="none")
+    plan.add_argument("--peft", choices=("none", "lora", "tdlora", "all"), default="none",
+                      help="student adapters: full fine-tuning (none), LoRA, TD-LoRA, or all three compared")
+    plan.add_argument("--rank", type=int, default=32, help="LoRA rank (TD-LoRA: the total over its experts)")
+    plan.add_argument("--experts", type=int, default=4, help="TD-LoRA experts per layer")
+    plan.add_argument("--memory", action="store_true", help="deprecated: --plan --peft all")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.overrides)
         resolutions = None if args.resolution is None else [parse_resolution(r) for r in args.resolution]
+        if args.memory:
+            print("launch.info: --memory is deprecated; it is --plan --peft all", file=sys.stderr)
+            args.plan, args.peft = True, "all"
         if args.plan:
             if resolutions is not None and len(resolutions) > 1:
                 raise ValueError("--plan plans one resolution: give --resolution R once")
-            result, table = plan_info(args, overrides, resolutions[0] if resolutions else None)
-            print(json.dumps(plan_json(result), indent=2) if args.json else table)
+            plans, table = plan_info(args, overrides, resolutions[0] if resolutions else None)
+            rows = [plan_json(p) for p in plans]
+            print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) if args.json else table)
             return 0
         info = model_info(args.model, overrides, resolutions)
-        if args.memory:
-            info["memory"] = memory_info(args.model, overrides, args)
     except (ValueError, TypeError, NotImplementedError) as err:
         print(f"launch.info: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(format_table(info) + (f"\n\n{format_memory(info['memory'])}" if args.memory else ""))
+        print(format_table(info))
     return 0
-
-
-def memory_info(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """`trainer.memory.plan` of full fine-tuning, LoRA and TD-LoRA at the same rank, with the settings."""
-    from models.lora import LoraSpec
-    from trainer.memory import plan
-
-    cfg = model_config(name, **overrides)
-    settings = {"rank": args.rank, "experts": args.experts, "batch": args.batch, "world": args.world,
-                "engine": args.engine, "activation_checkpointing": args.activation_checkpointing,
-                "compute_dtype": "bf16", "master_dtype": "fp32", "targets": ["attention", "mlp", "adaLN"]}
-    rows = []
-    for spec in (None, LoraSpec(method="lora", rank=args.rank), LoraSpec(method="tdlora", rank=args.rank, experts=args.experts)):
-        rows.append(plan(cfg, spec, batch=args.batch, world=args.world, engine=args.engine,
-                         checkpointing=args.activation_checkpointing).as_dict())
-    return {"settings": settings, "plans": rows}
-
-
-def format_memory(mem: dict[str, Any]) -> str:
-    s, rows = mem["settings"], mem["plans"]
-    gb = 1024**3
-    full = rows[0]
-    lines = [
-        f"training memory per rank (GiB): micro-batch {s['batch']}, {s['world']} rank(s), {s['engine']}, activation "
-        f"checkpointing {s['activation_checkpointing']}, bf16 compute, fp32 master weights, AdamW; LoRA rank "
-        f"{s['rank']} on {'/'.join(s['targets'])} (TD-LoRA: {s['experts']} experts)",
-        f"{'method':<8}{'trainable':>15}{'vs full':>9}{'weights':>9}{'grads':>8}{'optimizer':>11}{'EMA':>8}"
-        f"{'teacher':>9}{'activations':>13}{'peak':>8}{'vs full':>9}{'checkpoint':>12}",
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['method']:<8}{r['trainable']:>15,}{r['trainable'] / full['trainable']:>9.3f}"
-            f"{r['weights_bytes'] / gb:>9.2f}{r['grad_bytes'] / gb:>8.2f}{r['optimizer_bytes'] / gb:>11.2f}"
-            f"{r['ema_bytes'] / gb:>8.2f}{r['teacher_bytes'] / gb:>9.2f}{r['activation_bytes'] / gb:>13.2f}"
-            f"{r['peak_bytes'] / gb:>8.2f}{r['peak_bytes'] / full['peak_bytes']:>9.3f}{r['checkpoint_bytes'] / gb:>12.3f}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from models.dynamic import SlicedWeights, UnitSelection, sliced_linear
 from models.kernels.depthwise_conv import depthwise_conv2d
 from models.kernels.dispatch import get_ops
 from models.kernels.reference import autocast_off
 from models.rope import RopeTable, apply_rope
+
+
+# torch.utils.flop_counter has formulas for SDPA's CUDA kernels but not for its CPU flash kernel, which
+# every softmax attention here runs on the CPU: without these, measured FLOPs (FlopCounterMode, the
+# benchmarks' FLOPs clock) miss all of QKᵀ and AV there. Same count as torch's CUDA formulas.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_SDPA_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+if _CPU_SDPA not in flop_registry:
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+if _CPU_SDPA_BWD not in flop_registry:
+    @register_flop_formula(_CPU_SDPA_BWD)
+    def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 class _MultiHeadProjections(nn.Module):
@@ -211,11 +229,12 @@ def rope_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     """
     acc = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     with autocast_off(q.device.type):
-        qf, kf, vf = F.relu(q.to(acc)), F.relu(k.to(acc)), v.to(acc)
+        # q contiguous once: both matmuls below read it without a copy of their own (saved for backward)
+        qf, kf, vf = F.relu(q.to(acc).contiguous()), F.relu(k.to(acc)), v.to(acc)
         n = kf.shape[-2]
         kv = torch.matmul(apply_rope(kf, rope).transpose(-1, -2), vf) / n  # (B, H, d, d)
         num = torch.matmul(apply_rope(qf, rope), kv)
-        den = (qf * kf.mean(dim=-2, keepdim=True)).sum(dim=-1, keepdim=True) + eps
+        den = torch.matmul(qf, kf.mean(dim=-2).unsqueeze(-1)) + eps  # a matmul: counted FLOPs, as the reference
         out = num / den
     return out.to(v.dtype)
 

@@ -17,7 +17,7 @@ from models.dit import DiT
 from models.convert_diffusers import diffusers_linear_names
 from models.dit_convert import describe, dit_checkpoint, looks_like_dit
 from models.family import CLASS_LABELS, Checkpoint, ConditionSpec, ModelFamily, register_family
-from models.flops import block_cost, embed_cost, realised_flops, static_flops
+from models.flops import block_cost, embed_cost, realised_parts, static_flops
 from models.inherit import attention_exclude
 from models.weights_io import RawWeights
 
@@ -107,9 +107,9 @@ class DiTFamily(ModelFamily):
                 "routers": cfg.depth * b.routers, "embeddings": e["patch_embed"] + e["t_embedder"],
                 "final_layer": e["final_layer"], "total": static_flops(cfg, n)}
 
-    def realised_flops(self, cfg: DiTConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                       text_len: int | None = None) -> torch.Tensor:
-        return realised_flops(cfg, dict(aux))
+    def realised_parts(self, cfg: DiTConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                       text_len: int | None = None) -> dict[str, torch.Tensor]:
+        return realised_parts(cfg, dict(aux))
 
 
 DIT = register_family(DiTFamily())

@@ -213,12 +213,26 @@ class ModelFamily(ABC):
     # -- accounting -------------------------------------------------------------------------------
     @abstractmethod
     def flops(self, cfg: Any, latent_hw: tuple[int, int] | None = None, text_len: int | None = None) -> dict[str, float]:
-        """Static multiply-adds per sample, by part ("attention", "mlp", …, "total")."""
+        """Static multiply-adds per sample, by part ("attention", "mlp", "adaLN", "routers", "embeddings",
+        "final_layer"; "total" their sum)."""
 
-    @abstractmethod
+    def fused_share(self, cfg: Any, latent_hw: tuple[int, int] | None = None, text_len: int | None = None,
+                    aux: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Of "attention" and "mlp", what layers that compute both in one matmul do (FLUX's single-block
+        `linear1`/`linear2`), static or per sample for aux's masks: a per-module FLOPs counter sees those
+        layers' sum only. Empty for a family without such layers."""
+        return {}
+
     def realised_flops(self, cfg: Any, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
                        text_len: int | None = None) -> torch.Tensor:
         """Per-sample multiply-adds a dynamic student actually executed, from its forward's aux."""
+        return self.realised_parts(cfg, aux, latent_hw, text_len)["total"]
+
+    def realised_parts(self, cfg: Any, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                       text_len: int | None = None) -> dict[str, torch.Tensor]:
+        """`realised_flops` by part: (B,) tensors under `flops`' keys (what each part of a dynamic
+        forward executed for the masks in aux). A family with dynamic students implements this."""
+        raise NotImplementedError(f"the {self.name} family does not count its dynamic students' FLOPs by part")
 
     block_prefixes: tuple[str, ...] = ("blocks.",)  # parameter-name prefixes of the block stacks
     report_resolutions: tuple[int, ...] = ()  # pixel resolutions `launch.info` also reports (any-size families)

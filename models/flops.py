@@ -136,16 +136,30 @@ def realised_ratio(
     return dydit_ratio(head_masks, channel_masks, token_masks, cost.attn, cost.mlp)
 
 
-def realised_flops(cfg: DiTConfig, aux: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample whole-model multiply-adds actually executed on the sliced path."""
+def realised_parts(cfg: DiTConfig, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample multiply-adds the sliced path executed, by part (the keys of the family's `flops`):
+    attention scaled by the active-head fraction, the MLP by active groups × routed tokens, the rest fixed."""
     n = aux["token_masks"].shape[-1]
     cost = block_cost(cfg, n)
     heads = aux["head_masks"].float().mean(dim=2)
-    tokens = aux["token_masks"].float().mean(dim=2)
-    mlp = aux["channel_masks"].float().mean(dim=2) * tokens
-    blocks = (heads * cost.attn + mlp * cost.mlp).sum(dim=1)
-    fixed = cfg.depth * (cost.adaln + cost.routers) + sum(embed_cost(cfg, n).values())
-    return blocks + fixed
+    mlp = aux["channel_masks"].float().mean(dim=2) * aux["token_masks"].float().mean(dim=2)
+    e = embed_cost(cfg, n)
+    fixed = {"adaLN": cfg.depth * cost.adaln, "routers": cfg.depth * cost.routers,
+             "embeddings": e["patch_embed"] + e["t_embedder"], "final_layer": e["final_layer"]}
+    return with_total({"attention": (heads * cost.attn).sum(dim=1), "mlp": (mlp * cost.mlp).sum(dim=1), **fixed})
+
+
+def with_total(parts: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
+    """Per-sample parts (tensors or constants) as (B,) tensors, plus their "total"."""
+    batch = next(v for v in parts.values() if isinstance(v, torch.Tensor))
+    out = {k: v if isinstance(v, torch.Tensor) else torch.full_like(batch, float(v)) for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def realised_flops(cfg: DiTConfig, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample whole-model multiply-adds actually executed on the sliced path."""
+    return realised_parts(cfg, aux)["total"]
 
 
 def model_report(cfg: DiTConfig) -> dict:

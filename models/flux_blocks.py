@@ -73,17 +73,24 @@ class _DynamicWidth(nn.Module):
         """One `WidthPlan` per MLP router (each with the shared head decision), routers run once each;
         at a cached sampling step (`key`), looked up instead."""
         if key is not None:
-            return [self._cached(t_emb, name, key, seeds) for name in self.mlp_routers]
-        head = call_router(self.attn_rate, t_emb, seeds, self.salt)
-        return [WidthPlan.build(head, call_router(getattr(self, name), t_emb, seeds, self.salt + 1 + i), sliced)
+            head: list[torch.Tensor] = []  # the head router runs once for the plans not yet cached
+
+            def head_once() -> torch.Tensor:
+                if not head:
+                    head.append(call_router(self.attn_rate, t_emb, seeds, self.salt))
+                return head[0]
+
+            return [self._cached(t_emb, name, key, seeds, head_once) for name in self.mlp_routers]
+        head_mask = call_router(self.attn_rate, t_emb, seeds, self.salt)
+        return [WidthPlan.build(head_mask, call_router(getattr(self, name), t_emb, seeds, self.salt + 1 + i), sliced)
                 for i, name in enumerate(self.mlp_routers)]
 
-    def _cached(self, t_emb: torch.Tensor, name: str, key: tuple, seeds: torch.Tensor | None) -> WidthPlan:
+    def _cached(self, t_emb: torch.Tensor, name: str, key: tuple, seeds: torch.Tensor | None, head) -> WidthPlan:
         router = getattr(self, name)
         i = self.mlp_routers.index(name)
         params = [*self.attn_rate.parameters(), *router.parameters()]
         return self.plans[name].get(key, params, t_emb.shape[0], lambda: WidthPlan.build(
-            call_router(self.attn_rate, t_emb, seeds, self.salt), call_router(router, t_emb, seeds, self.salt + 1 + i), True))
+            head(), call_router(router, t_emb, seeds, self.salt + 1 + i), True))
 
     def route_tokens(self, img: torch.Tensor, vec: torch.Tensor, txt: torch.Tensor, seeds: torch.Tensor | None) -> torch.Tensor:
         """(B, N_img) token mask (all ones without SDT)."""

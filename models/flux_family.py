@@ -17,7 +17,7 @@ from models.family import Checkpoint, ConditionSpec, ModelFamily, register_famil
 from models.flux import Flux
 from models.flux_config import BASES, KINDS, VAE_DOWNSAMPLE, FluxConfig, kind_defaults
 from models.flux_convert import describe, diffusers_linear_names, flux_checkpoint, looks_like_flux
-from models.flux_flops import block_costs, realised_flops, static_flops
+from models.flux_flops import block_costs, fused_share, realised_parts, static_flops
 from models.weights_io import RawWeights
 
 _NAME = re.compile(rf"^({'|'.join(KINDS)})-({'|'.join(BASES)})$")
@@ -137,9 +137,13 @@ class FluxFamily(ModelFamily):
     def flops(self, cfg: FluxConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None) -> dict[str, float]:
         return static_flops(cfg, latent_hw, text_len)
 
-    def realised_flops(self, cfg: FluxConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                       text_len: int | None = None) -> torch.Tensor:
-        return realised_flops(cfg, dict(aux), cfg.text_len if text_len is None else text_len)
+    def realised_parts(self, cfg: FluxConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                       text_len: int | None = None) -> dict[str, torch.Tensor]:
+        return realised_parts(cfg, dict(aux), cfg.text_len if text_len is None else text_len)
+
+    def fused_share(self, cfg: FluxConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None,
+                    aux: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        return fused_share(cfg, latent_hw, text_len, None if aux is None else dict(aux))
 
     def block_costs(self, cfg: FluxConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None):
         """Per-block-type costs (benchmarks and `launch.info`)."""

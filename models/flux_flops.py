@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from models.flops import with_total
 from models.flux_config import FluxConfig
 
 FREQ_DIM = 256
@@ -101,45 +102,71 @@ def static_flops(cfg: FluxConfig, latent_hw: tuple[int, int] | None = None, text
     return out
 
 
+def fused_share(cfg: FluxConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None,
+                aux: dict[str, torch.Tensor] | None = None) -> dict[str, float | torch.Tensor]:
+    """Of "attention" and "mlp", what the single blocks' fused `linear1`/`linear2` compute (q, k, v rows
+    and attention columns; MLP rows and columns): static, or per sample for the masks in `aux`."""
+    n_img, n_txt = tokens(cfg, latent_hw, text_len)
+    if aux is not None:
+        blocks, _ = _realised_blocks(cfg, aux["head_masks"], aux["channel_masks"], aux["token_masks"], n_txt)
+        return {"attention": blocks["fused_attention"], "mlp": blocks["fused_mlp"]}
+    c = block_costs(cfg, n_img, n_txt)
+    proj = c.single_attn_in - mixing_cost(cfg, n_img + n_txt, n_img) + c.single_attn_out
+    return {"attention": cfg.depth_single * proj, "mlp": cfg.depth_single * c.single_mlp}
+
+
 def _realised_blocks(cfg: FluxConfig, head: torch.Tensor, channel: torch.Tensor, token: torch.Tensor,
-                     n_txt: int) -> tuple[torch.Tensor, float]:
-    """(B,) realised attention + MLP multiply-adds of all blocks, and their static total."""
+                     n_txt: int) -> tuple[dict[str, torch.Tensor], float]:
+    """(B,) realised attention and MLP multiply-adds of all blocks — and, of those, the single blocks'
+    fused `linear1`/`linear2` share ("fused_attention": q, k, v rows and attention columns; "fused_mlp")
+    — and their static attention + MLP total."""
     n_img = token.shape[-1]
     c = block_costs(cfg, n_img, n_txt)
     ld = cfg.depth
     heads = head.float().mean(dim=2)  # (B, L)
     kept = token.float().mean(dim=2)  # fraction of image tokens routed, (B, L)
     groups = channel.float().mean(dim=2)  # (B, 2·ld + ls)
-    real = heads.new_zeros(head.shape[0])
+    zero = heads.new_zeros(head.shape[0])
+    parts = {"attention": zero, "mlp": zero, "fused_attention": zero, "fused_mlp": zero}
     static = 0.0
     if ld:
         g_img, g_txt = groups[:, : 2 * ld : 2], groups[:, 1 : 2 * ld : 2]
-        real = real + (heads[:, :ld] * c.double_attn + g_img * kept[:, :ld] * c.double_img_mlp
-                       + g_txt * c.double_txt_mlp).sum(dim=1)
+        parts["attention"] = (heads[:, :ld] * c.double_attn).sum(dim=1)
+        parts["mlp"] = (g_img * kept[:, :ld] * c.double_img_mlp + g_txt * c.double_txt_mlp).sum(dim=1)
         static += ld * (c.double_attn + c.double_img_mlp + c.double_txt_mlp)
     if cfg.depth_single:
         n = n_img + n_txt
         run = (n_txt + kept[:, ld:] * n_img) / n  # fraction of the joint sequence the MLP share runs on
         out_tokens = run if cfg.single_token_skip == "output" else torch.ones_like(run)
         h = heads[:, ld:]
-        real = real + (h * c.single_attn_in + h * out_tokens * c.single_attn_out
-                       + groups[:, 2 * ld:] * run * c.single_mlp).sum(dim=1)
+        mix = mixing_cost(cfg, n, n_img)
+        fused_attn = (h * (c.single_attn_in - mix) + h * out_tokens * c.single_attn_out).sum(dim=1)
+        parts["fused_attention"], parts["fused_mlp"] = fused_attn, (groups[:, 2 * ld:] * run * c.single_mlp).sum(dim=1)
+        parts["attention"] = parts["attention"] + fused_attn + (h * mix).sum(dim=1)
+        parts["mlp"] = parts["mlp"] + parts["fused_mlp"]
         static += cfg.depth_single * (c.single_attn_in + c.single_attn_out + c.single_mlp)
-    return real, static
+    return parts, static
 
 
 def realised_ratio(cfg: FluxConfig, head: torch.Tensor, channel: torch.Tensor, token: torch.Tensor,
                    n_txt: int) -> torch.Tensor:
     """Per-sample DyDiT ratio (realised / static attention + MLP multiply-adds); differentiable through
     the straight-through masks. head (B, L, H), channel (B, 2·depth + depth_single, G), token (B, L, N)."""
-    real, static = _realised_blocks(cfg, head, channel, token, n_txt)
-    return real / static
+    parts, static = _realised_blocks(cfg, head, channel, token, n_txt)
+    return (parts["attention"] + parts["mlp"]) / static
+
+
+def realised_parts(cfg: FluxConfig, aux: dict[str, torch.Tensor], n_txt: int) -> dict[str, torch.Tensor]:
+    """Per-sample multiply-adds a dynamic forward executed, by part (the keys of `static_flops`)."""
+    n_img = aux["token_masks"].shape[-1]
+    blocks, _ = _realised_blocks(cfg, aux["head_masks"], aux["channel_masks"], aux["token_masks"], n_txt)
+    c = block_costs(cfg, n_img, n_txt)
+    return with_total({"attention": blocks["attention"], "mlp": blocks["mlp"],
+                       "adaLN": cfg.depth * c.double_adaln + cfg.depth_single * c.single_adaln,
+                       "routers": cfg.depth * c.double_routers + cfg.depth_single * c.single_routers,
+                       **outside_costs(cfg, n_img, n_txt)})
 
 
 def realised_flops(cfg: FluxConfig, aux: dict[str, torch.Tensor], n_txt: int) -> torch.Tensor:
     """Per-sample whole-model multiply-adds a dynamic forward executed (fixed parts included)."""
-    n_img = aux["token_masks"].shape[-1]
-    real, _ = _realised_blocks(cfg, aux["head_masks"], aux["channel_masks"], aux["token_masks"], n_txt)
-    c = block_costs(cfg, n_img, n_txt)
-    outside = sum(outside_costs(cfg, n_img, n_txt).values())
-    return real + cfg.depth * (c.double_adaln + c.double_routers) + cfg.depth_single * (c.single_adaln + c.single_routers) + outside
+    return realised_parts(cfg, aux, n_txt)["total"]

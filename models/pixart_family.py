@@ -19,7 +19,7 @@ from models.family import Checkpoint, ConditionSpec, ModelFamily, register_famil
 from models.pixart import PixArt
 from models.pixart_config import LIT_HEADS, SIZES, VAE_DOWNSAMPLE, PixArtConfig
 from models.pixart_convert import describe, diffusers_linear_names, looks_like_pixart, pixart_checkpoint
-from models.pixart_flops import realised_flops, static_flops
+from models.pixart_flops import realised_parts, static_flops
 from models.weights_io import RawWeights
 
 KINDS = ("pixart", "lit", "dydit", "dylit")
@@ -66,6 +66,12 @@ class PixArtFamily(ModelFamily):
     def conditioning(self, cfg: PixArtConfig) -> ConditionSpec:
         return replace(TEXT, guidance=True) if cfg.guidance_embed else TEXT
 
+    def example_batch(self, cfg: PixArtConfig, n: int, text_len: int | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        length = cfg.model_max_length if text_len is None else text_len
+        return {"text_emb": torch.zeros(n, length, cfg.caption_channels, device=device),
+                "text_mask": torch.ones(n, length, dtype=torch.bool, device=device)}
+
     def latent_shape(self, cfg: PixArtConfig, resolution: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
         if resolution is None:
             return (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -108,9 +114,9 @@ class PixArtFamily(ModelFamily):
     def flops(self, cfg: PixArtConfig, latent_hw: tuple[int, int] | None = None, text_len: int | None = None) -> dict[str, float]:
         return static_flops(cfg, latent_hw, text_len)
 
-    def realised_flops(self, cfg: PixArtConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
-                       text_len: int | None = None) -> torch.Tensor:
-        return realised_flops(cfg, dict(aux), latent_hw, text_len)
+    def realised_parts(self, cfg: PixArtConfig, aux: Mapping[str, torch.Tensor], latent_hw: tuple[int, int],
+                       text_len: int | None = None) -> dict[str, torch.Tensor]:
+        return realised_parts(cfg, dict(aux), latent_hw, text_len)
 
     def param_group(self, name: str) -> str:
         """adaLN-single's shared `t_block` counts as adaLN (the base rule would call it an embedding)."""

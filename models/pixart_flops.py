@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.flops import cross_attention_cost, mlp_cost, routed_ratio, self_attention_cost
+from models.flops import cross_attention_cost, mlp_cost, routed_ratio, self_attention_cost, with_total
 from models.pixart_config import PixArtConfig
 
 
@@ -97,13 +97,19 @@ def realised_ratio(cfg: PixArtConfig, aux: dict[str, torch.Tensor], grid: tuple[
                          (mlp, cost.mlp)])
 
 
-def realised_flops(cfg: PixArtConfig, aux: dict[str, torch.Tensor], latent_hw: tuple[int, int],
-                   text_len: int | None = None) -> torch.Tensor:
-    """Per-sample whole-model multiply-adds a dynamic forward executed (cross-attention, routers and the
-    caption projection included)."""
+def realised_parts(cfg: PixArtConfig, aux: dict[str, torch.Tensor], latent_hw: tuple[int, int],
+                   text_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample multiply-adds a dynamic forward executed, by part (the keys of `static_flops`:
+    cross-attention in "attention", routers and the caption projection included)."""
     grid, length = grid_of(cfg, latent_hw), text_len or cfg.model_max_length
     cost = block_cost(cfg, 0, grid, length)
     heads, cross, mlp = _fractions(aux)
     cross_part = cost.cross_attn * (cfg.depth if cross is None else cross.sum(dim=1))
-    blocks = (heads * cost.self_attn + mlp * cost.mlp).sum(dim=1) + cross_part
-    return blocks + cfg.depth * cost.routers + sum(fixed_costs(cfg, grid, length).values())
+    return with_total({"attention": (heads * cost.self_attn).sum(dim=1) + cross_part, "mlp": (mlp * cost.mlp).sum(dim=1),
+                       "routers": cfg.depth * cost.routers, **fixed_costs(cfg, grid, length)})
+
+
+def realised_flops(cfg: PixArtConfig, aux: dict[str, torch.Tensor], latent_hw: tuple[int, int],
+                   text_len: int | None = None) -> torch.Tensor:
+    """Per-sample whole-model multiply-adds a dynamic forward executed."""
+    return realised_parts(cfg, aux, latent_hw, text_len)["total"]

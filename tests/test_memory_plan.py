@@ -1,6 +1,7 @@
-"""The PEFT memory planner (trainer/memory.py) and `launch.info --memory`: parameter counts against the
-closed form, optimizer/EMA bytes as the engines allocate them, saved activations on the meta device
-against the same count taken from a real CPU forward."""
+"""The memory planner's PEFT side (trainer/memory_plan.py, `launch.info --plan --peft`): trainable
+parameters against the closed form, gradient/optimizer/EMA/checkpoint bytes as the engines allocate
+them, saved activations of an adapted student traced on the meta device against the same count taken
+from a real CPU forward."""
 import json
 
 import pytest
@@ -8,9 +9,14 @@ import torch
 
 from models import model_config
 from models.lora import LoraSpec
-from trainer.memory import adapted_student, plan, saved_activation_bytes
+from trainer.memory_plan import adapted_student, plan_memory, teacher_of, trace_activations
 
 TINY = dict(depth=2, hidden_size=48, num_heads=6, mlp_groups=6, input_size=8, num_classes=10)
+POS_EMBED = 16 * 48 * 2  # the sin-cos position table, a buffer in the bf16 compute dtype, replicated
+
+
+def tiny_plan(cfg, spec, gpus: int = 1):
+    return plan_memory(cfg, None, gpus, 80, micro_batch=2, ac="none", reserve_gib=0, peft=spec)
 
 
 def test_trainable_parameters_follow_the_closed_form():
@@ -19,28 +25,32 @@ def test_trainable_parameters_follow_the_closed_form():
     lora = r * ((d + 3 * d) + (d + d) + (d + h) + (h + d) + (d + 6 * d))  # qkv, proj, fc1, fc2, adaLN per block
     routers = sum(p.numel() for n, p in adapted_student(cfg, None).named_parameters()
                   if any(s in n for s in ("attn_rate", "mlp_rate", "token_selection")))
-    full = plan(cfg, None, batch=2, engine="single")
-    lo = plan(cfg, LoraSpec(method="lora", rank=r), batch=2, engine="single")
-    td = plan(cfg, LoraSpec(method="tdlora", rank=r, experts=k), batch=2, engine="single")
-    assert lo.trainable == depth * lora + routers
-    assert td.trainable == lo.trainable + depth * 5 * k * (d + 1)  # one K-way gate on the D-wide embedding a layer
-    assert full.trainable + lo.trainable - routers == lo.trainable + lo.frozen  # same base, frozen
+    full, lo, td = (tiny_plan(cfg, s) for s in (None, LoraSpec(method="lora", rank=r),
+                                                 LoraSpec(method="tdlora", rank=r, experts=k)))
+    trainable = {p.notes["method"]: p.notes["trainable"] for p in (full, lo, td)}
+    assert trainable["lora"] == depth * lora + routers
+    assert trainable["tdlora"] == trainable["lora"] + depth * 5 * k * (d + 1)  # one K-way gate on the D-wide embedding a layer
+    assert trainable["full"] == full.notes["student_params"]
+    assert full.notes["student_params"] + trainable["lora"] - routers == lo.notes["student_params"]  # same base, frozen
     for p in (full, lo, td):
-        assert p.optimizer_bytes == 8 * p.trainable and p.grad_bytes == 4 * p.trainable
-        assert p.ema_bytes == 4 * p.trainable  # one device: the EMA shares the frozen base
-        assert p.checkpoint_bytes == 16 * p.trainable  # student + EMA + two moments, fp32, trainable only
-    sharded = plan(cfg, LoraSpec(method="lora", rank=r), batch=2, engine="fsdp", world=4)
-    assert sharded.ema_bytes == 4 * (lo.trainable + lo.frozen) // 4  # FSDP2 shards the EMA's own base copy
-    assert sharded.weights_bytes == lo.weights_bytes // 4
+        n = p.notes["trainable"]
+        assert p.rows["optimizer AdamW m, v (fp32, sharded)"] == 8 * n and p.rows["student grads (fp32, sharded)"] == 4 * n
+        assert p.rows["student params (fp32, sharded)"] == 4 * p.notes["student_params"] + POS_EMBED  # + the replicated buffer
+        assert p.checkpoint_bytes == 16 * n  # student + EMA + two moments, fp32, trainable only
+    sharded = tiny_plan(cfg, LoraSpec(method="lora", rank=r), gpus=4)
+    ema = "EMA (fp32, sharded)"
+    assert sharded.rows[ema] - POS_EMBED == (lo.rows[ema] - POS_EMBED) / 4  # FSDP2 shards the EMA's own base copy
+    assert lo.total < full.total and td.total > lo.total
 
 
 @pytest.mark.parametrize("name, method", [("dydit-s/2", None), ("dydit-s/2", "tdlora"), ("lit-s/2", "lora")])
-def test_saved_activations_on_meta_equal_those_of_a_real_forward(name, method):
-    """The meta forward's count (storages autograd keeps, deduplicated) is what a real forward keeps."""
+def test_traced_activations_of_an_adapted_student_equal_those_of_a_real_forward(name, method):
+    """The meta trace (storages autograd keeps, deduplicated, the loss's fp32 cast included) is what a
+    real forward of the adapted student keeps."""
     args = {**TINY, "num_heads": 2} if name.startswith("lit") else TINY
     cfg = model_config(name, **args)
     spec = None if method is None else LoraSpec(method=method, rank=4, experts=2)
-    meta = saved_activation_bytes(adapted_student(cfg, spec), 3, torch.float32)
+    meta = trace_activations(adapted_student(cfg, spec).to(device="meta"), batch=3).held("none") * 3
     real_model = adapted_student(cfg, spec).to_empty(device="cpu")
     with torch.no_grad():
         for p in real_model.parameters():
@@ -55,30 +65,28 @@ def test_saved_activations_on_meta_equal_those_of_a_real_forward(name, method):
             total[0] += t.untyped_storage().nbytes()
         return t
 
-    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5.0, 500.0, 900.0]), torch.tensor([1, 2, 3])
+    x, t, y = torch.zeros(3, 4, 8, 8), torch.full((3,), 500.0), torch.zeros(3, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        real_model.train()(x, t, y, return_aux=True)
-    assert meta == total[0] > 0
-    # activations are affine in the batch (LiT keeps its per-head tiled DWC kernel, a batch-independent copy)
-    six, nine = (saved_activation_bytes(adapted_student(cfg, spec), b, torch.float32) for b in (6, 9))
-    assert nine - six == six - meta > 0.9 * meta
-    ac = saved_activation_bytes(adapted_student(cfg, spec), 3, torch.float32, checkpointing="full")
-    assert ac < meta
+        real_model.train()(x, t, y).float().pow(2).mean()
+    assert meta == pytest.approx(total[0], rel=0.02) and total[0] > 0
 
 
-def test_launch_info_memory_prints_the_plans(capsys):
+def test_launch_info_plan_compares_the_peft_methods(capsys):
     from launch.info import main
 
-    assert main(["dydit-s/2", *(f"{k}={v}" for k, v in TINY.items()), "--memory", "--rank", "4", "--experts", "2",
-                 "--batch", "2", "--engine", "single", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    rows = {r["method"]: r for r in info["memory"]["plans"]}
+    argv = ["dydit-s/2", *(f"{k}={v}" for k, v in TINY.items()), "--plan", "--gpus", "1", "--micro-batch", "2",
+            "--rank", "4", "--experts", "2", "--reserve", "0"]
+    assert main([*argv, "--peft", "all", "--json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
     cfg = model_config("dydit-s/2", **TINY)
-    want = plan(cfg, LoraSpec(method="tdlora", rank=4, experts=2), batch=2, engine="single").as_dict()
-    assert rows["tdlora"] == want
-    assert rows["full"]["trainable"] == info["params"]["total"]
-    assert main(["dydit-s/2", *(f"{k}={v}" for k, v in TINY.items()), "--memory", "--rank", "4", "--experts", "2",
-                 "--batch", "2", "--engine", "single"]) == 0
-    text = capsys.readouterr().out
-    line = next(ln for ln in text.splitlines() if ln.startswith("tdlora"))
-    assert f"{want['trainable']:,}" in line and f"{want['peak_bytes'] / 1024**3:.2f}" in line
+    want = plan_memory(cfg, teacher_of(cfg), 1, 80, micro_batch=2, reserve_gib=0,
+                       peft=LoraSpec(method="tdlora", rank=4, experts=2))
+    assert rows["tdlora"]["total_gib"] == pytest.approx(want.total / 2**30, rel=1e-12)
+    assert rows["tdlora"]["trainable"] == want.notes["trainable"] < rows["full"]["trainable"]
+    assert main([*argv, "--peft", "tdlora", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows["tdlora"]
+    assert main([*argv, "--memory", "--json"]) == 0  # the deprecated alias
+    assert {r["method"]: r for r in json.loads(capsys.readouterr().out)} == rows
+    assert main([*argv, "--peft", "all"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tdlora"))
+    assert f"{want.notes['trainable']:,}" in line and f"{want.total / 2**30:.2f}" in line

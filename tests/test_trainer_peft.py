@@ -88,7 +88,7 @@ def test_checkpoint_holds_only_trainable_tensors_and_kill9_resumes_bit_for_bit(t
     p = manifest["peft"]
     assert p["method"] == "tdlora" and len(p["base_digest"]) == 64
     assert p["trainable_params"] < 0.15 * (p["trainable_params"] + p["frozen_params"])
-    # what trainer/memory.py's checkpoint_bytes counts: student, EMA and two moments of the trainable tensors
+    # what trainer/memory_plan.py's checkpoint_bytes counts: student, EMA and two moments of the trainable tensors
     md = FileSystemReader(str(ref / "checkpoints" / "step_00000008")).read_metadata().state_dict_metadata
     numel = sum(math.prod(v.size) for k, v in md.items()
                 if k.startswith(("engine.student.", "engine.ema.")) or k.endswith((".exp_avg", ".exp_avg_sq")))

@@ -1,15 +1,18 @@
-"""Per-rank memory of a distillation run under FSDP2, before any GPU is touched (`launch.info --plan`).
+"""Per-rank memory of a distillation run under FSDP2, before any GPU is touched (`launch.info --plan`),
+for full fine-tuning or a PEFT student (LoRA, TD-LoRA: `--peft`), on a meta-device model.
 
 Static state is counted from parameter counts and the engine's layout:
-- student: fp32 master weights, fp32 gradients and AdamW's two fp32 moments, each sharded over the
-  N ranks (16 B/param/N), plus the EMA copy (fp32, sharded the same way: 4 B/param/N); buffers
-  (e.g. FLUX's null text) are replicated;
+- student: fp32 master weights of every parameter, fp32 gradients and AdamW's two fp32 moments of
+  the trainable ones (a PEFT student's frozen base has neither), each sharded over the N ranks
+  (16 B/param/N when everything trains), plus the EMA copy (fp32, sharded the same way; under FSDP2
+  each module shards its own copy of a frozen base too: 4 B/param/N); buffers (e.g. FLUX's null
+  text) are replicated;
 - teacher: its weights in the teacher dtype (bf16), sharded (`teacher.shard: true`: its blocks and its
   root unit, which the frozen teacher reshards after each forward; `trainer/engines/placement.py`) or
   replicated;
 - FSDP's transients: the unsharded bf16 parameters of the block being computed and the one prefetched
   (2 · 2 B · block params), in backward also that block's unsharded bf16 gradients and their fp32
-  reduce-scatter copy (6 B · block params); the root module's parameters unsharded in bf16.
+  reduce-scatter copy (6 B · trainable block params); the root module's parameters unsharded in bf16.
 
 Activations are *traced*, not guessed: one forward of the student in the compute dtype on the meta
 device (no memory, no FLOPs) under saved-tensor hooks, with every saved storage attributed to the
@@ -32,9 +35,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from models import family_of
+from models.lora import LoraSpec, apply_lora
 
 GiB = 2**30
 AC_MODES = ("none", "full")
+PEFT_METHODS = ("none", "lora", "tdlora")
+ADAM_MOMENTS = 2
 
 
 class _FlashAttentionSaves(torch.autograd.Function):
@@ -169,6 +175,8 @@ class ModelCounts:
     buffers: int  # bytes, replicated
     largest_block: int  # parameters of the largest block (FSDP unit)
     root: int  # parameters outside the blocks (the root FSDP unit)
+    trainable: int = 0
+    largest_block_trainable: int = 0  # trainable parameters of the block with the most
 
 
 def model_counts(model: nn.Module) -> ModelCounts:
@@ -179,14 +187,40 @@ def model_counts(model: nn.Module) -> ModelCounts:
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
         largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         root=sum(p.numel() for p in model.parameters() if id(p) not in in_blocks),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        largest_block_trainable=max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks), default=0),
     )
 
 
-@contextmanager
-def _meta_model(cfg: Any, dtype: torch.dtype) -> Iterator[nn.Module]:
+def teacher_of(student_cfg: Any) -> Any:
+    """The static softmax configuration a student inherits from (same sizes)."""
+    import dataclasses
+
+    return dataclasses.replace(student_cfg, attention="softmax", dynamic=False).validate()
+
+
+def adapted_student(student_cfg: Any, spec: LoraSpec | None, teacher_cfg: Any | None = None) -> nn.Module:
+    """The student on the meta device, with `spec`'s adapters on what it inherits from `teacher_cfg`
+    (what training builds: non-inherited parts train fully, the rest is frozen)."""
+    from models.inherit import default_exclude, plan_inheritance
+
+    family = family_of(student_cfg)
+    teacher_cfg = teacher_cfg or teacher_of(student_cfg)
     with torch.device("meta"):
-        model = family_of(cfg).build(cfg)
-    yield model.to(dtype)
+        model = family.build(student_cfg)
+        if spec is None:
+            return model
+        report = plan_inheritance(model, family_of(teacher_cfg).build(teacher_cfg).state_dict(),
+                                  default_exclude(teacher_cfg, student_cfg))
+        params = dict(model.named_parameters())
+        apply_lora(model, spec, sorted(set(report.initialised + report.skipped) & set(params)))
+    return model
+
+
+@contextmanager
+def _meta_model(cfg: Any, dtype: torch.dtype, spec: LoraSpec | None = None, teacher_cfg: Any | None = None) -> Iterator[nn.Module]:
+    model = adapted_student(cfg, spec, teacher_cfg)
+    yield model.to(device="meta", dtype=dtype)  # (buffers made from numpy start on the CPU)
 
 
 @dataclass
@@ -218,14 +252,22 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.total <= self.gpu_mem
 
+    @property
+    def checkpoint_bytes(self) -> int:
+        """A checkpoint's tensors (all ranks): student, EMA and AdamW moments of the trainable parameters in
+        fp32 (a PEFT checkpoint leaves out the frozen base; the manifest names it)."""
+        return self.notes["trainable"] * 4 * (2 + ADAM_MOMENTS)
+
 
 def plan_memory(student_cfg: Any, teacher_cfg: Any | None, gpus: int, gpu_mem_gib: float, *, micro_batch: int | None = None,
                 resolution: int | tuple[int, int] | None = None, text_len: int | None = None, ac: str = "full",
                 teacher_shard: bool = True, ema: bool = True, reserve_gib: float = 4.0,
-                compute_dtype: torch.dtype = torch.bfloat16, teacher_dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
+                compute_dtype: torch.dtype = torch.bfloat16, teacher_dtype: torch.dtype = torch.bfloat16,
+                peft: LoraSpec | None = None) -> MemoryPlan:
     """The per-rank plan of distilling `teacher_cfg` into `student_cfg` on `gpus` ranks of `gpu_mem_gib`.
 
     `micro_batch` None: the largest that fits. `resolution` in pixels (None: the config's native size).
+    `peft`: LoRA / TD-LoRA adapters on what the student inherits from the teacher (None: full fine-tuning).
     """
     if gpus < 1:
         raise ValueError(f"--gpus {gpus}: at least one")
@@ -233,18 +275,20 @@ def plan_memory(student_cfg: Any, teacher_cfg: Any | None, gpus: int, gpu_mem_gi
         raise ValueError(f"activation checkpointing {ac!r}: one of {AC_MODES}")
     tb = torch.tensor([], dtype=teacher_dtype).element_size()
     cb = torch.tensor([], dtype=compute_dtype).element_size()
-    with _meta_model(student_cfg, compute_dtype) as student:
+    inherit_from = teacher_cfg if teacher_cfg is not None and family_of(teacher_cfg) is family_of(student_cfg) else None
+    with _meta_model(student_cfg, compute_dtype, peft, inherit_from) as student:
         s = model_counts(student)
         acts = trace_activations(student, resolution, text_len)
     rows = {
         "student params (fp32, sharded)": 4 * s.params / gpus + s.buffers,
-        "student grads (fp32, sharded)": 4 * s.params / gpus,
-        "optimizer AdamW m, v (fp32, sharded)": 8 * s.params / gpus,
+        "student grads (fp32, sharded)": 4 * s.trainable / gpus,
+        "optimizer AdamW m, v (fp32, sharded)": 4 * ADAM_MOMENTS * s.trainable / gpus,
         "EMA (fp32, sharded)": (4 * s.params / gpus + s.buffers) if ema else 0.0,
-        "FSDP unsharded student block + grads": (2 * cb + cb + 4) * s.largest_block + cb * s.root,
+        "FSDP unsharded student block + grads": 2 * cb * s.largest_block + (cb + 4) * s.largest_block_trainable + cb * s.root,
     }
     per_sample = {f"student activations ({'checkpointed' if ac == 'full' else 'no checkpointing'})": acts.peak(ac)}
-    notes: dict[str, Any] = {"student_params": s.params, "activation_profile": acts}
+    notes: dict[str, Any] = {"student_params": s.params, "trainable": s.trainable, "activation_profile": acts,
+                             "method": "full" if peft is None else peft.method}
     if teacher_cfg is not None:
         with _meta_model(teacher_cfg, teacher_dtype) as teacher:
             t = model_counts(teacher)
@@ -267,8 +311,11 @@ def plan_memory(student_cfg: Any, teacher_cfg: Any | None, gpus: int, gpu_mem_gi
 def format_plan(plan: MemoryPlan, title: str) -> str:
     """The table `launch.info --plan` prints (GiB per rank)."""
     acts: ActivationProfile = plan.notes["activation_profile"]
+    method = plan.notes["method"]
     lines = [title, f"{plan.gpus} GPUs x {plan.gpu_mem / GiB:.0f} GiB, FSDP2, bf16 compute, activation checkpointing "
-             f"{plan.ac}, micro-batch {plan.micro_batch} per rank", "", f"{'per rank':<52}{'GiB':>9}"]
+             f"{plan.ac}, micro-batch {plan.micro_batch} per rank, "
+             f"{'full fine-tuning' if method == 'full' else method} ({plan.notes['trainable']:,} trainable parameters)",
+             "", f"{'per rank':<52}{'GiB':>9}"]
     for name, value in plan.rows.items():
         lines.append(f"{name:<52}{value / GiB:9.2f}")
     for name, value in plan.per_sample.items():
@@ -279,4 +326,15 @@ def format_plan(plan: MemoryPlan, title: str) -> str:
     per_token = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in acts.per_token().items())
     lines.append(f"saved for backward per token and block (no checkpointing): {per_token}; "
                  f"{acts.tokens} tokens per sample")
+    return "\n".join(lines)
+
+
+def format_comparison(plans: list[MemoryPlan]) -> str:
+    """Full fine-tuning vs LoRA vs TD-LoRA in one table (`launch.info --plan --peft all`)."""
+    full = plans[0]
+    lines = [f"{'method':<8}{'trainable':>15}{'vs full':>9}{'total GiB':>11}{'vs full':>9}{'max micro-batch':>17}"
+             f"{'checkpoint GiB':>16}"]
+    for p in plans:
+        lines.append(f"{p.notes['method']:<8}{p.notes['trainable']:>15,}{p.notes['trainable'] / full.notes['trainable']:>9.3f}"
+                     f"{p.total / GiB:>11.2f}{p.total / full.total:>9.3f}{p.max_micro_batch:>17}{p.checkpoint_bytes / GiB:>16.3f}")
     return "\n".join(lines)

@@ -192,12 +192,12 @@ def _backward_rule(ctx, dout, *_):  # first order only: the backward op has no a
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-# FlopCounterMode does not see into custom ops: count what it counts for the reference, its matmuls
-# (the normaliser φ(q)·z is elementwise work it does not count): φ(k)ᵀv and φ(q)S forward, twice that
-# backward (dq, dS, dk, dv).
+# FlopCounterMode does not see into custom ops: count what it counts for the reference, its matmuls:
+# φ(k)ᵀv, φ(q)S and the normaliser φ(q)·z forward, twice that backward (dq, dS, dk, dv, and both
+# sides of the normaliser).
 def _matmul_flops(q_shape, k_shape, v_shape) -> int:
     b, h, nq, d = q_shape
-    return 2 * b * h * d * v_shape[-1] * (nq + k_shape[-2])
+    return 2 * b * h * d * (v_shape[-1] * (nq + k_shape[-2]) + nq)
 
 
 @register_flop_formula(torch.ops.ditill.linear_attention_fwd)

@@ -37,7 +37,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
         kv = torch.matmul(kf.transpose(-1, -2), vf) / n  # (B, H, d, d)
         k_mean = kf.mean(dim=-2, keepdim=True)  # (B, H, 1, d)
         num = torch.matmul(qf, kv)  # (B, H, N, d)
-        den = (qf * k_mean).sum(dim=-1, keepdim=True) + eps
+        # φ(q)·z as a matmul (not an elementwise product and sum) so FLOP counters see its N·d multiply-adds
+        den = torch.matmul(qf, k_mean.transpose(-1, -2)) + eps
         out = num / den
     return out.to(out_dtype)
 
