@@ -13,13 +13,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 class _TimeShim:
-    """The `time` module with `perf_counter` replaced."""
+    """The `time` module with some of its clocks (`perf_counter`, `process_time`) replaced."""
 
-    def __init__(self, perf_counter) -> None:
-        self.perf_counter = perf_counter
+    def __init__(self, **clocks) -> None:
+        self.__dict__.update(clocks)
 
     def __getattr__(self, name: str):
         return getattr(time, name)
+
+
+class TickClock:
+    """A clock that advances one unit per read: a timed window with no other read inside it lasts
+    exactly one unit, so a rate taken over it reads the work done in that window."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def install_clocks(monkeypatch, module: ModuleType, **clocks) -> None:
+    """`module.time.<name>()` reads `clocks[name]()` (e.g. perf_counter=TickClock())."""
+    monkeypatch.setattr(module, "time", _TimeShim(**clocks))
 
 
 class OpCountMode(TorchDispatchMode):
@@ -52,5 +69,5 @@ def install(monkeypatch, module: ModuleType, mode: TorchDispatchMode) -> None:
         read = lambda: float(mode.get_total_flops())  # noqa: E731
     else:
         read = lambda: float(mode.count)  # noqa: E731
-    monkeypatch.setattr(module, "time", _TimeShim(read))
+    install_clocks(monkeypatch, module, perf_counter=read)
 

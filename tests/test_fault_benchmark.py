@@ -3,7 +3,10 @@
 No wall-clock value is asserted. What is: the async save really runs beside training (its commit is
 held until the loop has taken a step, which a save that blocked the loop would never see), the
 blocking times are the Checkpointer's own measure of each save, the reported size is that of the
-checkpoint on disk, and every derived figure is the one its parts give.
+checkpoint on disk, and every derived figure is the one its parts give. The benchmark's own clock is a
+work clock (tests/bench_clocks.py): one unit per read plus WORK units per distillation step and per
+optimizer step, so a timed step is exactly 1 + 2·WORK units and the load and raw-I/O windows (no step
+inside) one unit each: their rates are the bytes they moved.
 """
 import json
 import shutil
@@ -14,9 +17,11 @@ from types import SimpleNamespace
 
 from launch import benchmark
 from launch.benchmarks import checkpoint as bench
+from tests.bench_clocks import TickClock, install_clocks
 from trainer.checkpoint import Checkpointer
 from trainer.step import DistillStep
 
+WORK = 1000.0  # clock units per distillation step and per optimizer step
 ARGV = ["checkpoint", "--json", "--hidden", "32", "--depth", "2", "--batch", "8", "--warmup", "1", "--steps", "2",
         "--repeats", "1"]
 
@@ -55,6 +60,22 @@ def test_checkpoint_benchmark_reports_blocking_times_and_rates(capsys, tmp_path,
         save(self, *args, **kwargs)
         held[self.async_save].append(self.last_blocking_s)
 
+    optimizer_steps = [0]
+    trainer_init = bench.Trainer.__init__
+
+    def counted_trainer(self, *args, **kwargs):
+        trainer_init(self, *args, **kwargs)
+        engine_step = self.engine.step
+
+        def counted(*a, **k):
+            optimizer_steps[0] += 1
+            return engine_step(*a, **k)
+
+        self.engine.step = counted
+
+    tick = TickClock()
+    monkeypatch.setattr(bench.Trainer, "__init__", counted_trainer)
+    install_clocks(monkeypatch, bench, perf_counter=lambda: tick() + WORK * (steps[0] + optimizer_steps[0]))
     kept = []  # the benchmark's work directory, removed by the test after measuring it
     monkeypatch.setattr(DistillStep, "__call__", counted_step)
     monkeypatch.setattr(Checkpointer, "__init__", gated_init)
@@ -77,6 +98,9 @@ def test_checkpoint_benchmark_reports_blocking_times_and_rates(capsys, tmp_path,
         assert r[f"{key}_blocked_steps"] == r[f"{key}_blocked_s"] / r["step_s"], key
     assert r["save_bytes_per_s"] == r["bytes"] / r["sync_blocked_s"]
     assert r["bar_async_blocks_less_than_one_step"] == (r["async_blocked_s"] < r["step_s"])
-    for key in ("step_s", "load_bytes_per_s", "raw_write_bytes_per_s", "raw_read_bytes_per_s"):
-        assert r[key] > 0, key
+    # work clock: a timed step is one distillation step and one optimizer step, nothing more or less
+    assert r["step_s"] == r["step_during_async_s"] == 1 + 2 * WORK
+    # the load and the raw passes each in a one-unit window of their own: the rate is the checkpoint's bytes
+    for key in ("load_bytes_per_s", "raw_write_bytes_per_s", "raw_read_bytes_per_s"):
+        assert r[key] == r["bytes"], key
     assert list(tmp_path.iterdir()) == []  # its files are removed

@@ -189,3 +189,37 @@ def test_flops_loss_gradient_pushes_every_router_toward_the_target(target, direc
     for i, b in enumerate(m.blocks):
         for p in (b.attn_rate.router.bias, b.mlp_rate.router.bias, b.token_selection.mlp_head[2].bias):
             assert (sign * p.grad > 0).all(), (i, p.grad)
+
+
+@pytest.mark.parametrize("name,switches", [("dylit-s/2", {}), ("dydit-pixart-sigma-xl/2", {"cross_attn_routing": True}),
+                                           ("dyflux-lite", {})])
+def test_every_router_of_a_training_student_uses_the_estimator_at_the_configured_temperature(monkeypatch, name, switches):
+    """Every width and token router of a training forward (with per-sample seeds, as the trainer runs it)
+    makes the hard decision 1[l + g > 0] and back-propagates σ'((l+g)/τ)/τ at the config's `router_tau`
+    (3, not the default 5: catches a router that drops or hard-codes its temperature), where g is the
+    counter noise of its (seed, salt)."""
+    import models.dynamic as dynamic
+    import models.flux_layers as flux_layers
+    from models.rng import counter_logistic
+    from tests.test_flops_measured import inputs, tiny_model
+
+    tau, real, calls = 3.0, dynamic.gumbel_sigmoid_ste, []
+
+    def check(logits, tau_arg, training, threshold=0.5, *, seeds=None, salt=0):
+        out = real(logits, tau_arg, training, threshold, seeds=seeds, salt=salt)
+        noise = counter_logistic(seeds, salt, logits[0].numel()).view_as(logits)
+        soft = torch.sigmoid((logits.detach() + noise) / tau)
+        (grad,) = torch.autograd.grad(out.sum(), logits, retain_graph=True)
+        calls.append((torch.equal(out.detach(), (soft > 0.5).float()),
+                      torch.allclose(grad, soft * (1 - soft) / tau, rtol=1e-5, atol=0)))
+        return out
+
+    monkeypatch.setattr(dynamic, "gumbel_sigmoid_ste", check)
+    monkeypatch.setattr(flux_layers, "gumbel_sigmoid_ste", check)
+    model = tiny_model(name, router_tau=tau, **switches).train()
+    x, t, cond, _ = inputs(model, batch=2)
+    model(x, t, **cond, seeds=torch.tensor([11, 2**40 + 3]))
+    routers = [m for m in model.modules() if hasattr(m, "tau") and hasattr(m, "threshold")]
+    assert len(calls) == len(routers) > 0, (len(calls), len(routers))  # each router once
+    assert all(decision for decision, _ in calls), "a router's hard decision is not 1[l + g > 0]"
+    assert all(gradient for _, gradient in calls), "a router's gradient is not the one at the configured temperature"
