@@ -36,6 +36,8 @@ class TextBed:
     max_length: int  # T5 tokens (ByT5 bytes: the longest caption is 34 with its end token)
     mask: bool  # PixArt runs T5 with its mask and keeps it; FLUX encodes the pads and attends to them
     clip_dim: int | None = None  # FLUX's pooled vector (CLIPTextModel), None: no CLIP
+    local_bias: float | None = None  # T5 attends locally (data.tiny_encoders): word-like byte features
+    output_gain: float = 1.0  # T5's final RMSNorm gain: the embeddings' scale (data.tiny_encoders)
     captions_per_image: int = 4  # distinct training templates per digit image (each pair one sample)
     seed: int = 0
 
@@ -127,8 +129,8 @@ FLUX = Suite(
         **{f"{st}-fkd": Ablation(st, (f"distill.features={FLUX_FEATURES}", "distill.feature_weight=0.5"),
                                  "feature KD: every block's output regresses the teacher's") for st in ("dyflux", "lit-flux")},
     },
-    text=TextBed(t5_dim=256, t5_layers=2, t5_heads=2, t5_head_dim=16, t5_ff_dim=64, max_length=40, mask=False,
-                 clip_dim=256),
+    text=TextBed(t5_dim=256, t5_layers=3, t5_heads=2, t5_head_dim=16, t5_ff_dim=64, max_length=36, mask=False,
+                 clip_dim=256, local_bias=1.0),
     guided=True,
 )
 

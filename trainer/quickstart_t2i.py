@@ -91,6 +91,7 @@ def text_shards(opts) -> Path:
     enc_args = ["--out", str(enc), "--seed", str(bed.seed), "--dim", str(bed.t5_dim), "--layers", str(bed.t5_layers),
                 "--heads", str(bed.t5_heads), "--head-dim", str(bed.t5_head_dim), "--ff-dim", str(bed.t5_ff_dim)]
     enc_args += ["--clip-dim", str(bed.clip_dim)] if bed.clip_dim else ["--no-clip"]
+    enc_args += ["--output-gain", str(bed.output_gain)] + (["--local-bias", str(bed.local_bias)] if bed.local_bias else [])
     _quiet(tiny_encoders.main, enc_args)
     pre = ["--text-encoder", str(enc / "t5"), "--max-length", str(bed.max_length), "--in", str(raw), "--out", str(text),
            "--batch-size", "256", "--dtype", "fp32", "--device", "cpu"]
@@ -125,6 +126,7 @@ class Prompts:
     cond: dict[str, torch.Tensor]  # text_emb, text_mask, text_pooled: one row per sample
     digits: torch.Tensor  # (N,) the digit each sample's prompt names
     held_out: torch.Tensor  # (N,) bool: from a held-out template
+    template: torch.Tensor  # (N,) the template id of each sample's prompt
     rows: list[dict]
 
     def __len__(self) -> int:
@@ -133,7 +135,8 @@ class Prompts:
     def head(self, n: int) -> "Prompts":
         """The first n samples, cycling through the prompts (timing batches)."""
         idx = torch.arange(n) % len(self)
-        return Prompts({k: v[idx] for k, v in self.cond.items()}, self.digits[idx], self.held_out[idx], self.rows)
+        return Prompts({k: v[idx] for k, v in self.cond.items()}, self.digits[idx], self.held_out[idx], self.template[idx],
+                       self.rows)
 
 
 def prompt_set(shards: Path, per_prompt: int) -> Prompts:
@@ -148,7 +151,8 @@ def prompt_set(shards: Path, per_prompt: int) -> Prompts:
     cond = {k: (v.float() if v.dtype.is_floating_point else v)[idx] for k, v in tensors.items()}
     digits = torch.tensor([int(r["digit"]) for r in rows])[idx]
     held = torch.tensor([bool(r["held_out"]) for r in rows])[idx]
-    return Prompts(cond, digits, held, rows)
+    template = torch.tensor([int(r["template"]) for r in rows])[idx]
+    return Prompts(cond, digits, held, template, rows)
 
 
 def model_condition(model, prompts: Prompts, mode: str, g: float) -> dict[str, torch.Tensor]:
@@ -199,6 +203,8 @@ def eval_row(row: Row, weights: Path, opts, classifier, reference, prompts: Prom
     held = prompts.held_out
     scores["accuracy_seen"] = accuracy(classifier, images[~held], prompts.digits[~held])
     scores["accuracy_held_out"] = accuracy(classifier, images[held], prompts.digits[held])
+    scores["accuracy_by_template"] = {int(t): accuracy(classifier, images[prompts.template == t], prompts.digits[prompts.template == t])
+                                      for t in prompts.template.unique()}
     save_grid(_grid_order(images, prompts), png)
     rec = {"key": key, "model": row.name, "stage": row.stage, "mode": row.mode,
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **scores, **flops_of(model, records),
