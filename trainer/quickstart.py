@@ -276,6 +276,7 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
     _log(f"{name}: training {cfg.student.model} {dict(cfg.student.args)} for {cfg.train.steps} steps "
          f"(batch {cfg.train.global_batch}, {opts.nproc} process(es)) → {stage_dir}")
     _write_json(stamp_path, {"key": key, "status": "training"})
+    parent_gb = resident_gb()  # this process while the ranks train (it waits for them)
     t0 = time.perf_counter()
     if opts.nproc == 1:  # in this process: no second start-up of torch
         from trainer.checkpoint import CheckpointError
@@ -301,11 +302,22 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
         "weights": str(paths["ema"]), "model": cfg.student.model, "args": dict(cfg.student.args),
         "flops_target": cfg.dynamic.flops_target if student_config(cfg).dynamic else None,
         "peft": cfg.peft.method, "trainable_params": trainable_params(stage_dir, cfg),
-        "nproc": opts.nproc, "peak_gb": last.get("memory/peak_gb"), "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "flops/"))},
+        "nproc": opts.nproc, "peak_gb": last.get("memory/peak_gb"), "parent_gb": parent_gb, "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "flops/"))},
     }
     _write_json(stamp_path, stamp)
     _log(f"{name}: {stamp['steps']} steps in {train_s:.0f}s; exported EMA to {paths['ema']}")
     return {**stamp, "reused": False}
+
+
+def resident_gb() -> float:
+    """This process's resident memory now (GiB), from /proc (0 where there is none)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def trainable_params(stage_dir: Path, cfg: RunConfig) -> int:

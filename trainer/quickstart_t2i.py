@@ -80,43 +80,44 @@ def text_shards(opts) -> Path:
     if stamp is not None and (text / MANIFEST).exists():
         _log(f"shards: reusing {text}")
         return text
-    from launch import make_shards, precompute, tiny_encoders
-
     t0 = time.perf_counter()
     for d in (raw, text, enc):
         if d.exists():
             shutil.rmtree(d)  # a partial write of ours (the stamp comes last)
-    _quiet(make_shards.main, ["--source", "digits-captions", "--captions-per-image", str(bed.captions_per_image),
+    _run("launch.make_shards", ["--source", "digits-captions", "--captions-per-image", str(bed.captions_per_image),
                               "--format", fmt, "--out", str(raw), "--samples-per-shard", "2000", "--seed", str(bed.seed)])
     enc_args = ["--out", str(enc), "--seed", str(bed.seed), "--dim", str(bed.t5_dim), "--layers", str(bed.t5_layers),
                 "--heads", str(bed.t5_heads), "--head-dim", str(bed.t5_head_dim), "--ff-dim", str(bed.t5_ff_dim)]
     enc_args += ["--clip-dim", str(bed.clip_dim)] if bed.clip_dim else ["--no-clip"]
     enc_args += ["--output-gain", str(bed.output_gain)] + (["--local-bias", str(bed.local_bias)] if bed.local_bias else [])
-    _quiet(tiny_encoders.main, enc_args)
+    _run("launch.tiny_encoders", enc_args)
     pre = ["--text-encoder", str(enc / "t5"), "--max-length", str(bed.max_length), "--in", str(raw), "--out", str(text),
            "--batch-size", "256", "--dtype", "fp32", "--device", "cpu"]
     if not bed.mask:
         pre.append("--no-text-mask")
     if bed.clip_dim:
         pre += ["--clip-encoder", str(enc / "clip")]
-    _quiet(precompute.main, pre)
+    _run("launch.precompute", pre)
     _write_json(stamp_path, {"key": key, "seconds": time.perf_counter() - t0})
     _log(f"shards: captioned digits ({bed.captions_per_image} training captions per image) → {fmt} text-embedding "
          f"shards {text} (random T5{' + CLIP' if bed.clip_dim else ''}) in {time.perf_counter() - t0:.1f}s")
     return text
 
 
-def _quiet(main: Callable[[list[str]], int], argv: list[str]) -> None:
-    import contextlib
-    import io
+def _run(module: str, argv: list[str]) -> None:
+    """`python -m <module> argv` in its own process, as a user would run it (its memory is its own)."""
+    import os
+    import subprocess
+    import sys
 
     from trainer.quickstart import QuickstartError
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    if code:
-        raise QuickstartError(f"{main.__module__} {' '.join(argv)} failed (exit {code}): {out.getvalue()[-2000:]}")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise QuickstartError(f"python -m {module} {' '.join(argv)} failed (exit {proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr)[-2000:]}")
 
 
 # --- prompts ----------------------------------------------------------------------------------------

@@ -63,10 +63,12 @@ def build_report(opts, row_specs, stages: dict, evals: dict, timing: dict, class
             "sample_time_vs_teacher": timing["relative"][spec.name] if timed else None,
             "teacher": _teacher_of(opts, spec.stage),
         })
-    # the rank's peak RSS as its trainer logged it, × the ranks running at once, + this process's peak
+    # while a stage trains: this process (waiting) + its ranks at their peak; otherwise this process alone
+    training = [float(st.get("parent_gb") or memory["pipeline_gb"]) + st.get("nproc", opts.nproc) * _rank_peak(st)
+                for st in stages.values()]
     rank_gb = max((_rank_peak(st) for st in stages.values()), default=0.0)
-    memory = {**memory, "training_rank_gb": rank_gb, "ranks": opts.nproc,
-              "total_gb": memory["pipeline_gb"] + opts.nproc * max(rank_gb, memory["largest_child_gb"])}
+    memory = {**memory, "training_rank_gb": rank_gb, "ranks": opts.nproc, "training_gb": max(training, default=0.0),
+              "total_gb": max([memory["pipeline_gb"], *training])}
     fresh = not any(st.get("reused") for st in stages.values()) and not opts.quick
     by_name = {r["model"]: r for r in rows}
     return {
@@ -151,9 +153,9 @@ def write_report(report: dict, out: Path) -> None:
     md = [f"# Quickstart report: {report['family']} ({kind})", "", table(report), "", "## Bars", ""]
     md += [f"- {k}: {'PASS' if v else 'FAIL'}" for k, v in report["bars"].items()]
     m = report["memory"]
-    md += ["", f"Peak memory: this process {m['pipeline_gb']:.2f} GiB + {m['ranks']} training rank(s) × "
-               f"{max(m['training_rank_gb'], m['largest_child_gb']):.2f} GiB = {m['total_gb']:.2f} GiB (resident, "
-               "counted as if all ran at once)."]
+    md += ["", f"Peak memory (resident): {m['total_gb']:.2f} GiB — while training, this process and {m['ranks']} rank(s) "
+               f"of at most {m['training_rank_gb']:.2f} GiB each, {m['training_gb']:.2f} GiB together; this process alone "
+               f"(scoring, timing) peaked at {m['pipeline_gb']:.2f} GiB."]
     md += ["", "## Training", "", "| stage | teacher | steps | processes | train time (s) | this run |", "|---|---|---|---|---|---|"]
     teacher = {r["stage"]: r["teacher"] for r in report["rows"]}
     md += [f"| {n} | {teacher.get(n) or '—'} | {s['steps']} | {s.get('nproc', '—')} | {s['train_s']:.0f} | "
