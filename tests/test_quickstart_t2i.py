@@ -80,12 +80,11 @@ def test_held_out_templates_are_absent_from_the_text_embedding_shards_training_r
     rows, prompts = load_prompt_embeddings(str(shards))
     index = {r["prompt"]: i for i, r in enumerate(rows)}
     held = [i for i, r in enumerate(rows) if r["held_out"]]
-    loader = build_loader(DataConfig(format="wds", path=str(shards), input="image", cond="text_emb", batch_size=1000,
+    # 4 captions of each of the 1,797 digits = 12 batches of 599: one epoch, nothing dropped
+    loader = build_loader(DataConfig(format="wds", path=str(shards), input="image", cond="text_emb", batch_size=599,
                                      shuffle=False), 0, 1)
     seen_keys, templates = set(), set()
-    for batch in loader:
-        if batch["key"][0] in seen_keys:
-            break  # the loader repeats epochs
+    for _, batch in zip(range(12), loader):
         for j, key in enumerate(batch["key"]):
             seen_keys.add(key)
             template = TEMPLATES[int(key.split("-")[1])]
@@ -94,12 +93,11 @@ def test_held_out_templates_are_absent_from_the_text_embedding_shards_training_r
             own = index[template.caption(int(batch["y"][j]))]
             n = int(batch["text_mask"][j].sum())
             emb = batch["text_emb"][j, :n].float()
-            assert torch.equal(emb, prompts["text_emb"][own, :n].float())  # same encoder, same bytes
+            # same encoder, same caption: equal up to the bf16 rounding of the stored embeddings (~1e-2 at |x| ~ 1-4)
+            assert torch.allclose(emb, prompts["text_emb"][own, :n].float(), atol=0.05)
             for h in held:  # no held-out prompt's embedding (its own length) is a training sample
                 m = int(prompts["text_mask"][h].sum())
-                assert m != n or not torch.equal(emb, prompts["text_emb"][h, :m].float())
-        if len(seen_keys) >= 4 * 1797:
-            break
+                assert m != n or not torch.allclose(emb, prompts["text_emb"][h, :m].float(), atol=0.05)
     assert len(seen_keys) == 4 * 1797 and templates == {t.id for t in TEMPLATES if not t.held_out}
     if hasattr(loader, "close"):
         loader.close()
