@@ -34,7 +34,8 @@ class Template:
 
 
 # Training frames use both the word and the numeral; held-out frames use both as well, so neither
-# form of a digit is new at scoring time, only the sentence around it.
+# form of a digit is new at scoring time, only the sentence around it. No frame contains a digit word
+# or numeral of its own (even inside a word: a byte-level encoder sees "someone" as "some" + "one").
 TEMPLATES = tuple(Template(i, text, held) for i, (text, held) in enumerate((
     ("a handwritten {word}", False),
     ("the digit {num}", False),
@@ -45,7 +46,7 @@ TEMPLATES = tuple(Template(i, text, held) for i, (text, held) in enumerate((
     ("{word}", False),
     ("{num} on a grey background", False),
     ("a small sketch of the number {num}", True),
-    ("someone wrote {word} here", True),
+    ("somebody wrote {word} here", True),  # not "someone": its bytes hold "one", a second digit word
     ("{word}, in pencil", True),
 )))
 TRAIN_TEMPLATES = tuple(t for t in TEMPLATES if not t.held_out)

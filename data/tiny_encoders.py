@@ -8,6 +8,17 @@ They are random: they test the conditioning path, not language understanding.
 
 CLIP pools its output at the first `eos_token_id` of each sequence, so its config is given the byte
 tokenizer's end id (1) and a vocabulary of at least the tokenizer's 384 ids.
+
+`local_bias` gives T5 a local relative-position bias instead of its random one (ALiBi's shape: head h of
+H lowers its logits by local_bias·(h+1)/H per byte of distance), so each byte's output describes its
+neighbourhood — word-like features, as a trained encoder's are — while every weight stays random. With
+bytes as tokens and near-uniform random attention, a byte's output is mostly its whole sentence's mean,
+so a word in an unseen sentence looks unlike the same word in a seen one.
+
+`output_gain` sets the gain of T5's final RMSNorm (1 at random init): the embeddings' scale. PixArt's
+caption projection starts at std 0.02, sized for T5-XXL's 4096 channels; from a narrow tiny T5 its
+output is so small that every key of the cross-attention is alike, the attention stays uniform and its
+queries get almost no gradient. A larger gain makes the keys differ from the start.
 """
 from __future__ import annotations
 
@@ -35,7 +46,8 @@ def byte_tokenizer():
 
 def build_tiny_text_encoders(out: str, seed: int = 0, dim: int = 32, layers: int = 2, heads: int = 2,
                              clip: bool = True, clip_dim: int = 32, head_dim: int | None = None,
-                             ff_dim: int | None = None) -> TinyTextEncoders:
+                             ff_dim: int | None = None, local_bias: float | None = None,
+                             output_gain: float = 1.0) -> TinyTextEncoders:
     """Write `out/t5` (and `out/clip`); the same seed and sizes give byte-identical weight files.
 
     T5's `head_dim` (default dim / heads) and `ff_dim` (default 2·dim) can be narrow, so a T5 as
@@ -53,6 +65,11 @@ def build_tiny_text_encoders(out: str, seed: int = 0, dim: int = 32, layers: int
                                      num_heads=heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                      decoder_start_token_id=tok.pad_token_id))
+        if local_bias is not None:
+            set_local_bias(t5, local_bias)
+        if output_gain != 1.0:
+            with torch.no_grad():
+                t5.encoder.final_layer_norm.weight.fill_(output_gain)
         t5.save_pretrained(t5_dir)
         tok.save_pretrained(t5_dir)
         clip_dir = None
@@ -66,3 +83,20 @@ def build_tiny_text_encoders(out: str, seed: int = 0, dim: int = 32, layers: int
             model.save_pretrained(clip_dir)
             tok.save_pretrained(clip_dir)
     return TinyTextEncoders(t5_dir, clip_dir)
+
+
+def set_local_bias(t5, slope: float) -> None:
+    """T5's relative-position bias (one table in its first layer, shared by all) as −slope·(h+1)/H·|i − j|
+    per head h: near bytes attend to each other more the further apart the far ones are."""
+    if slope <= 0:
+        raise ValueError(f"local_bias={slope!r}: a slope > 0 (logit drop per byte of distance), or None for T5's random bias")
+    attn = t5.encoder.block[0].layer[0].SelfAttention
+    table = attn.relative_attention_bias.weight  # (buckets, heads)
+    rel = torch.arange(-attn.relative_attention_max_distance, attn.relative_attention_max_distance + 1)
+    buckets = attn._relative_position_bucket(rel, bidirectional=True, num_buckets=attn.relative_attention_num_buckets,
+                                             max_distance=attn.relative_attention_max_distance)
+    heads = table.shape[1]
+    slopes = slope * torch.arange(1, heads + 1, dtype=table.dtype) / heads
+    with torch.no_grad():  # a bucket of several distances (the far, logarithmic ones) gets the nearest one's bias
+        for b in buckets.unique().tolist():
+            table[b] = -slopes * rel[buckets == b].abs().min().to(table.dtype)

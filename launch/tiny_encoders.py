@@ -23,10 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, help="T5 attention head width (default: dim / heads)")
     p.add_argument("--ff-dim", type=int, help="T5 feed-forward width (default: 2 × dim)")
+    p.add_argument("--local-bias", type=float, default=None, metavar="SLOPE",
+                   help="T5 attends locally: its relative-position bias falls by SLOPE·(h+1)/heads per byte of distance "
+                        "(word-like byte features; default: T5's random bias)")
+    p.add_argument("--output-gain", type=float, default=1.0,
+                   help="gain of T5's final RMSNorm, the embeddings' scale (default 1, random init)")
     p.add_argument("--no-clip", action="store_true", help="T5 only (PixArt-style conditioning)")
     args = p.parse_args(argv)
     built = build_tiny_text_encoders(args.out, seed=args.seed, dim=args.dim, layers=args.layers, heads=args.heads,
-                                     clip=not args.no_clip, clip_dim=args.clip_dim, head_dim=args.head_dim, ff_dim=args.ff_dim)
+                                     clip=not args.no_clip, clip_dim=args.clip_dim, head_dim=args.head_dim, ff_dim=args.ff_dim,
+                                     local_bias=args.local_bias, output_gain=args.output_gain)
     print(f"T5 encoder: {built.t5}" + (f"\nCLIP text encoder: {built.clip}" if built.clip else ""))
     return 0
 

@@ -93,6 +93,8 @@ class Flux(DynamicExecution, nn.Module):
             if emb is not None:
                 nn.init.normal_(emb.in_layer.weight, std=0.02)
                 nn.init.normal_(emb.out_layer.weight, std=0.02)
+        if self.guidance_in is not None:  # zero output: a student given one starts as its unguided teacher
+            nn.init.zeros_(self.guidance_in.out_layer.weight)
         for block in self.all_blocks():
             for mod in (getattr(block, "img_mod", None), getattr(block, "txt_mod", None), getattr(block, "modulation", None)):
                 if mod is not None:

@@ -104,7 +104,9 @@ class FluxFamily(ModelFamily):
         return diffusers_linear_names(cfg)
 
     def check_pair(self, student_cfg: FluxConfig, teacher_cfg: FluxConfig) -> None:
-        for key in ("in_channels", "patch_size", "context_in_dim", "vec_in_dim", "guidance_embed"):
+        """Same inputs and outputs. A guidance input may differ: a student with one distils a teacher
+        without one by guidance distillation (FLUX-dev's making; the trainer validates that pairing)."""
+        for key in ("in_channels", "patch_size", "context_in_dim", "vec_in_dim"):
             if getattr(student_cfg, key) != getattr(teacher_cfg, key):
                 raise ValueError(
                     f"student/teacher shape mismatch: student.args.{key}={getattr(student_cfg, key)!r} but the "

@@ -75,3 +75,11 @@ def test_tiny_encoders_are_deterministic_for_a_seed_and_load_offline(tmp_path, c
     ids = tok(["a handwritten seven"], max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
     out = clip(input_ids=ids)
     assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, len("a handwritten seven")])  # pooled at </s>
+
+
+def test_no_template_names_a_digit_besides_its_placeholder():
+    """A frame holding a digit word or numeral, even inside a word ("someone" holds "one"), names two
+    digits to a byte-level encoder: the prompt would be ambiguous and its score meaningless."""
+    for t in TEMPLATES:
+        frame = t.text.replace("{word}", "").replace("{num}", "")
+        assert not [w for w in DIGIT_WORDS if w in frame] and not any(c.isdigit() for c in frame), t.text

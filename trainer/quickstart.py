@@ -38,21 +38,11 @@ import configs
 from models.convert import weights_digest
 from trainer.config import RunConfig, load_config
 from trainer.quickstart_report import MODELS, STUDENTS, build_report, write_report
+from trainer.quickstart_suites import SUITES, Suite, suite
 
 CONFIG_DIR = Path(configs.__file__).parent / "quickstart"
 DATA_FORMATS = ("digits", "wds", "mds")
-
-# --quick: the same pipeline on a model and schedule small enough for a test (seconds per stage).
-QUICK_OVERRIDES = [
-    "student.args.depth=2",
-    "student.args.hidden_size=32",
-    "train.steps=6",
-    "train.global_batch=32",
-    "train.log_every=3",
-    "checkpoint.every=3",
-    "optim.warmup_steps=0",
-]
-QUICK_DYNAMIC = ["dynamic.warmup_steps=4", "dynamic.hold_steps=0"]
+FAMILIES = tuple(SUITES)
 
 # --peft lora|tdlora: each student again with adapters on its frozen inherited base (models/lora), same
 # recipe otherwise (steps, lr, routers, λ), so a row compares with the full fine-tune above it. Rank 8
@@ -87,33 +77,61 @@ class EvalSettings:
 
 @dataclass
 class Options:
-    out: Path = Path("runs/quickstart")
+    out: Path | None = None  # None: runs/quickstart (DiT), runs/quickstart-<family> (text-to-image)
     quick: bool = False
-    data: str = "digits"  # digits (in memory) | wds | mds (shards written by the pipeline first)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    # digits (in memory, DiT only) | wds | mds (shards written by the pipeline first); None: digits for
+    # DiT, wds for a text-to-image family (its captions always go through shards)
+    data: str | None = None
+    eval: EvalSettings | None = None  # None: the family's defaults (full or --quick)
     overrides: list[str] = field(default_factory=list)  # extra key=value for every training stage
     nproc: int = 0  # training processes (DDP ranks); 0 = default_nproc()
     threads: int = 1  # torch threads of every process (each training rank, and this one)
     peft: tuple[str, ...] = ()  # also train each student with these adapters (stages <student>-<method>)
+    family: str = "dit"  # dit | pixart | flux (trainer.quickstart_suites)
+    ablations: bool = False  # also the family's ablation stages (outside the default run)
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out).absolute()
+        s = suite(self.family)  # a clear error for an unknown family
+        self.out = Path(self.out or ("runs/quickstart" if not s.t2i else f"runs/quickstart-{s.family}")).absolute()
         self.nproc = self.nproc or default_nproc(self.quick)
+        self.data = self.data or ("wds" if s.t2i else "digits")
         if self.data not in DATA_FORMATS:
             raise ValueError(f"data={self.data!r} is not one of {DATA_FORMATS}")
+        if s.t2i and self.data == "digits":
+            raise ValueError(f"--family {s.family}: the captions always go through text-embedding shards (launch.make_shards "
+                             "→ launch.precompute); use --data wds or --data mds")
         bad = [m for m in self.peft if m not in PEFT_METHODS]
         if bad:
             raise ValueError(f"peft={bad[0]!r} is not one of {PEFT_METHODS}")
+        if self.peft and s.t2i:
+            raise ValueError(f"--peft runs on the DiT quickstart only (not --family {s.family})")
+        if self.ablations and not s.ablations:
+            raise ValueError(f"--ablations: the {s.family} quickstart has none (--family pixart or flux)")
+        if self.eval is None:
+            if s.t2i:
+                from trainer.quickstart_t2i import T2IEvalSettings
+
+                self.eval = T2IEvalSettings.for_family(s.family, self.quick)
+            else:
+                self.eval = EvalSettings.quick() if self.quick else EvalSettings()
+
+    @property
+    def suite(self) -> Suite:
+        return suite(self.family)
 
     def models(self) -> list[str]:
-        """Every model the run trains and scores: the teacher, the students, their PEFT variants."""
-        return [*MODELS, *(f"{s}-{m}" for m in self.peft for s in STUDENTS)]
+        """Every model the run trains and scores: the teacher(s), the students, their PEFT variants, and
+        with --ablations the ablation stages."""
+        s = self.suite
+        if not s.t2i:
+            return [*MODELS, *(f"{st}-{m}" for m in self.peft for st in STUDENTS)]
+        return [*s.stages, *(s.ablations if self.ablations else ())]
 
 
 def recipe(name: str) -> tuple[str, str | None]:
-    """(stage config in configs/quickstart, PEFT method or None) of a stage: `dydit-tdlora` → (dydit, tdlora)."""
-    base, _, method = name.partition("-")
-    return base, method or None
+    """(stage config, PEFT method or None) of a stage: `dydit-tdlora` → (dydit, tdlora), `lit-flux` → (lit-flux, None)."""
+    base, _, method = name.rpartition("-")
+    return (base, method) if base and method in PEFT_METHODS else (name, None)
 
 
 def _log(msg: str) -> None:
@@ -160,23 +178,32 @@ def weights_path(opts: Options, name: str) -> Path:
     return opts.out / name / "export" / "ema.safetensors"
 
 
+def teacher_stage(name: str, opts: Options) -> str | None:
+    """The stage whose exported EMA teaches `name` (None: trained from scratch)."""
+    s = opts.suite
+    return s.teacher(recipe(name)[0]) if s.t2i else (None if name == "teacher" else "teacher")
+
+
 def stage_overrides(name: str, opts: Options, shards: Path | None) -> list[str]:
-    """What the pipeline changes in `configs/quickstart/<name>.yaml`: where things live (and --quick)."""
+    """What the pipeline changes in the stage's config: where things live (and --quick)."""
+    s = opts.suite
     base, method = recipe(name)
     overrides = [f"run_dir={opts.out / name}"]
-    if name != "teacher":
-        overrides.append(f"teacher.path={weights_path(opts, 'teacher')}")
+    teacher = teacher_stage(name, opts)
+    if teacher is not None:
+        overrides.append(f"teacher.path={weights_path(opts, teacher)}")
     if shards is not None:
         overrides += [f"data.format={opts.data}", f"data.path={shards}"]
     if opts.quick:
-        overrides += QUICK_OVERRIDES + (QUICK_DYNAMIC if base in ("dydit", "dylit") else [])
+        overrides += list(s.quick) + (list(s.quick_dynamic) if s.is_dynamic(base) else [])
     if method is not None:
         overrides += [f"peft.method={method}", *PEFT_OVERRIDES]
-    return overrides + opts.overrides
+    return overrides + s.extra_overrides(base) + opts.overrides
 
 
 def stage_config(name: str, opts: Options, shards: Path | None) -> RunConfig:
-    return load_config(CONFIG_DIR / f"{recipe(name)[0]}.yaml", stage_overrides(name, opts, shards), world_size=1)
+    path = opts.suite.config_path(recipe(name)[0])
+    return load_config(path, stage_overrides(name, opts, shards), world_size=1)
 
 
 def _stage_key(cfg: RunConfig, teacher_digest: str | None) -> str:
@@ -220,7 +247,7 @@ def launch_train(name: str, opts: Options, overrides: list[str]) -> int:
         env.pop(var, None)
     # DDP: the models are small, so replicas beat FSDP's per-block gathers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts.nproc}",
-           "-m", "launch.train", str(CONFIG_DIR / f"{name}.yaml"), "engine.kind=ddp", *overrides]
+           "-m", "launch.train", str(opts.suite.config_path(recipe(name)[0])), "engine.kind=ddp", *overrides]
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -233,7 +260,8 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
     cfg = stage_config(name, opts, shards)  # fails here, before any launch
     stage_dir = opts.out / name
     weights = weights_path(opts, name)
-    teacher_digest = None if name == "teacher" else weights_digest(weights_path(opts, "teacher"))
+    teacher = teacher_stage(name, opts)
+    teacher_digest = None if teacher is None else weights_digest(weights_path(opts, teacher))
     key = _stage_key(cfg, teacher_digest)
     stamp_path = stage_dir / "stage.json"
     stamp = _read_json(stamp_path)
@@ -249,6 +277,7 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
     _log(f"{name}: training {cfg.student.model} {dict(cfg.student.args)} for {cfg.train.steps} steps "
          f"(batch {cfg.train.global_batch}, {opts.nproc} process(es)) → {stage_dir}")
     _write_json(stamp_path, {"key": key, "status": "training"})
+    parent_gb = resident_gb()  # this process while the ranks train (it waits for them)
     t0 = time.perf_counter()
     if opts.nproc == 1:  # in this process: no second start-up of torch
         from trainer.checkpoint import CheckpointError
@@ -260,7 +289,7 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
             _log(f"{name}: error: {e}")
             code = 1
     else:
-        code = launch_train(recipe(name)[0], opts, overrides)
+        code = launch_train(name, opts, overrides)
     if code != 0:
         raise QuickstartError(f"training stage {name!r} failed (exit code {code}); run the same command again to "
                               f"resume it from its last checkpoint in {stage_dir / 'checkpoints'}")
@@ -274,11 +303,22 @@ def train_stage(name: str, opts: Options, shards: Path | None) -> dict:
         "weights": str(paths["ema"]), "model": cfg.student.model, "args": dict(cfg.student.args),
         "flops_target": cfg.dynamic.flops_target if student_config(cfg).dynamic else None,
         "peft": cfg.peft.method, "trainable_params": trainable_params(stage_dir, cfg),
-        "nproc": opts.nproc, "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "flops/"))},
+        "nproc": opts.nproc, "peak_gb": last.get("memory/peak_gb"), "parent_gb": parent_gb, "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "flops/"))},
     }
     _write_json(stamp_path, stamp)
     _log(f"{name}: {stamp['steps']} steps in {train_s:.0f}s; exported EMA to {paths['ema']}")
     return {**stamp, "reused": False}
+
+
+def resident_gb() -> float:
+    """This process's resident memory now (GiB), from /proc (0 where there is none)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def trainable_params(stage_dir: Path, cfg: RunConfig) -> int:
@@ -333,12 +373,18 @@ def fixed_batch(model, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def generate(model, objective, noise: torch.Tensor, labels: torch.Tensor, ev: EvalSettings,
              on_aux: Callable[[dict], None] | None = None, steps: int | None = None) -> torch.Tensor:
-    """Guided samples in [-1, 1] from `model` in eval mode (a dynamic model runs its sliced path)."""
+    """Guided class-conditional samples in [-1, 1] (see `sample_model`)."""
+    return sample_model(model, objective, noise, {"y": labels}, ev.cfg_scale, steps or ev.steps, ev.method, on_aux)
+
+
+def sample_model(model, objective, noise: torch.Tensor, cond: dict, cfg_scale: float, steps: int, method: str,
+                 on_aux: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Samples in [-1, 1] from `model` in eval mode (a dynamic model runs its sliced path), with
+    classifier-free guidance against the family's null condition when `cfg_scale` != 1."""
     from models import family_of
     from models.diffusion.samplers import sample
 
     model.eval()
-    cond = {"y": labels}
 
     def fn(x, t, **c):
         if on_aux is None:
@@ -347,9 +393,8 @@ def generate(model, objective, noise: torch.Tensor, labels: torch.Tensor, ev: Ev
         on_aux(aux)
         return out
 
-    null = model.null_condition(cond) if ev.cfg_scale != 1.0 else None  # guidance needs the null class
-    x = sample(fn, objective, noise, cond, null_cond=null, cfg_scale=ev.cfg_scale,
-               steps=steps or ev.steps, method=ev.method,
+    null = model.null_condition(cond) if cfg_scale != 1.0 else None  # guidance needs the null condition
+    x = sample(fn, objective, noise, cond, null_cond=null, cfg_scale=cfg_scale, steps=steps, method=method,
                seq_len=family_of(model).image_tokens(model.config, tuple(noise.shape[-2:])))
     return x.float().clamp(-1, 1)
 
@@ -461,60 +506,71 @@ def evaluate_all(weights: dict[str, Path], opts: Options, classifier, reference)
 
 # --- stage 6: timing --------------------------------------------------------------------------------
 
-def timing_stage(weights: dict[str, Path], opts: Options) -> dict:
+def timing_stage(weights: dict[str, Path], opts: Options, runs: Callable[[], dict[str, Callable]] | None = None,
+                 names: tuple[str, ...] = MODELS, reference: str = "teacher") -> dict:
     """Median wall time of one sampling run per model: same sampler, steps, batch, noise and labels.
 
     One warm-up run each, then the repeats go round-robin over the models, so a slow spell of the
-    machine hits every model alike.
+    machine hits every model alike. `runs()` builds {name: fn(steps) → samples} (default: the DiT
+    models on class labels); `weights` maps each name to the file it samples.
     """
-    from models import load_pretrained
-    from trainer.build import build_objective
-    from trainer.export import read_run_config
-
     ev = opts.eval
     path = opts.out / "eval" / "timing.json"
-    key = {"weights_digest": {n: weights_digest(weights[n]) for n in MODELS}, "settings": asdict(ev),
+    key = {"weights_digest": {n: weights_digest(weights[n]) for n in names}, "settings": asdict(ev),
            "threads": torch.get_num_threads()}
     saved = _read_json(path)
     if saved is not None and saved.get("key") == key:
         _log(f"timing: reusing {path}")
         return {**saved, "reused": True}
-    objective = build_objective(read_run_config(opts.out / "teacher"))
-    models = {n: load_pretrained(weights[n]) for n in MODELS}  # PEFT variants are scored, not timed
-    noise, labels = fixed_batch(models["teacher"], ev.timing_batch, ev.seed + 1)
-    for m in models.values():
-        generate(m, objective, noise, labels, ev, steps=min(ev.steps, 3))  # warm-up: same shapes
-    times: dict[str, list[float]] = {n: [] for n in models}
+    fns = runs() if runs is not None else _class_runs(weights, opts)
+    for fn in fns.values():
+        fn(min(ev.steps, 3))  # warm-up: same shapes
+    times: dict[str, list[float]] = {n: [] for n in fns}
     with torch.inference_mode():
         for _ in range(ev.timing_repeats):
-            for n, m in models.items():
+            for n, fn in fns.items():
                 t0 = time.perf_counter()
-                generate(m, objective, noise, labels, ev)
+                fn(None)
                 times[n].append(time.perf_counter() - t0)
     median = {n: statistics.median(v) for n, v in times.items()}
     rec = {
         "key": key, "batch": ev.timing_batch, "steps": ev.steps, "method": ev.method, "cfg_scale": ev.cfg_scale,
-        "threads": torch.get_num_threads(), "repeats": times, "median_s": median,
-        "relative": {n: median[n] / median["teacher"] for n in median},
+        "threads": torch.get_num_threads(), "repeats": times, "median_s": median, "reference": reference,
+        "relative": {n: median[n] / median[reference] for n in median},
     }
     _write_json(path, rec)
     _log("timing: " + ", ".join(f"{n} {median[n]:.2f}s ({rec['relative'][n]:.2f}x)" for n in median))
     return {**rec, "reused": False}
 
 
+def _class_runs(weights: dict[str, Path], opts: Options) -> dict[str, Callable]:
+    """The DiT models' timed runs: class-conditional batches (PEFT variants are scored, not timed)."""
+    from models import load_pretrained
+    from trainer.build import build_objective
+    from trainer.export import read_run_config
+
+    ev = opts.eval
+    objective = build_objective(read_run_config(opts.out / "teacher"))
+    models = {n: load_pretrained(weights[n]) for n in MODELS}
+    noise, labels = fixed_batch(models["teacher"], ev.timing_batch, ev.seed + 1)
+    return {n: (lambda steps, m=m: generate(m, objective, noise, labels, ev, steps=steps)) for n, m in models.items()}
+
+
 # --- the pipeline -----------------------------------------------------------------------------------
 
 def run(opts: Options) -> dict:
     """Every stage in order, reusing what exists; returns the report (also written to `opts.out`)."""
+    if opts.suite.t2i:
+        from trainer.quickstart_t2i import run_t2i
+
+        return run_t2i(opts)
     from trainer.digits_eval import real_floor, real_stats
 
     t0 = time.perf_counter()
     torch.set_num_threads(opts.threads)
     opts.out.mkdir(parents=True, exist_ok=True)
     shards = write_shards(opts)
-    stages = {"teacher": train_stage("teacher", opts, shards)}
-    for name in opts.models()[1:]:
-        stages[name] = train_stage(name, opts, shards)
+    stages = train_all(opts, shards)
     classifier, classifier_info = classifier_stage(opts)
     reference = real_stats(classifier)
     weights = {n: weights_path(opts, n) for n in opts.models()}
@@ -525,3 +581,8 @@ def run(opts: Options) -> dict:
     report = build_report(opts, stages, evals, timing, classifier_info, floor, time.perf_counter() - t0, relative)
     write_report(report, opts.out)
     return report
+
+
+def train_all(opts: Options, shards: Path | None) -> dict[str, dict]:
+    """Every training stage in order (a stage's teacher always comes before it)."""
+    return {name: train_stage(name, opts, shards) for name in opts.models()}
