@@ -128,6 +128,9 @@ FLUX = Suite(
                                    "(single_token_skip=mlp; default: the whole fused output, as released)"),
         **{f"{st}-fkd": Ablation(st, (f"distill.features={FLUX_FEATURES}", "distill.feature_weight=0.5"),
                                  "feature KD: every block's output regresses the teacher's") for st in ("dyflux", "lit-flux")},
+        "dyflux-tdlora": Ablation("dyflux", ("peft.method=tdlora", "peft.rank=8", "peft.alpha=16", "peft.experts=4"),
+                                  "DyFLUX with TD-LoRA adapters on its frozen inherited base (rank 8, 4 experts; "
+                                  "routers train fully), against its full fine-tune"),
     },
     text=TextBed(t5_dim=256, t5_layers=3, t5_heads=2, t5_head_dim=16, t5_ff_dim=64, max_length=36, mask=False,
                  clip_dim=256, local_bias=1.0),
