@@ -116,7 +116,7 @@ def test_flux_quick_run_distils_the_guidance_input_and_runs_the_ablations_on_mds
     report = json.loads((out / "report.json").read_text())
     rows = _rows(out)
     assert list(rows) == ["teacher", "teacher-cfg", "guided", "dyflux", "lit-flux", "lit-flux-norope", "dyflux-mlpskip",
-                          "dyflux-fkd", "lit-flux-fkd"]
+                          "dyflux-fkd", "lit-flux-fkd", "dyflux-tdlora"]
     assert report["data"] == "mds" and report["reference"] == "guided"
     assert (rows["teacher"]["mode"], rows["teacher-cfg"]["mode"], rows["guided"]["mode"]) == ("plain", "cfg", "guidance")
     assert rows["guided"]["teacher"] == "teacher" and rows["dyflux"]["teacher"] == "guided"
@@ -130,6 +130,9 @@ def test_flux_quick_run_distils_the_guidance_input_and_runs_the_ablations_on_mds
     assert yaml_config(out / "dyflux-fkd")["distill"]["features"] == ["double_blocks.?", "single_blocks.?"]
     metrics = [json.loads(line) for line in (out / "dyflux-fkd" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/feature/single_blocks.0" in m for m in metrics)
+    stages = report["stages"]  # the TD-LoRA row trains adapters (and the routers) on the frozen base only
+    assert yaml_config(out / "dyflux-tdlora")["peft"]["method"] == "tdlora"
+    assert 0 < stages["dyflux-tdlora"]["trainable_params"] < stages["dyflux"]["trainable_params"]
     md = (out / "report.md").read_text()
     assert "Ablations (--ablations)" in md and "Guidance (FLUX-dev's way)" in md and "CLIPTextModel" in md
 
