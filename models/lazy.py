@@ -5,7 +5,7 @@ partition is a flat range, i.e. the rows that cover it), and a converter's surge
 concatenations, slices and permutations along dim 0 (diffusers' `to_q/k/v` → `qkv`, FLUX's `linear1`
 = [q; k; v; mlp], a final adaLN whose halves are swapped). So a lazy tensor is a file-backed leaf
 (`SafetensorsTensor`: `safe_open(...).get_slice(key)[a:b]`; `HeldTensor`: a tensor already at hand,
-e.g. one `torch.load(mmap=True)` maps from a pickle) or a dim-0 composition of lazy tensors
+e.g. one `torch.load(weights_only=True, mmap=True)` maps from a pickle) or a dim-0 composition of lazy tensors
 (`Concat`, `RowSlice`, `RowTake`, `RowReshape`), and reading rows of a composition reads only the
 rows of its sources that land there.
 
@@ -137,7 +137,7 @@ class SafetensorsTensor(LazyTensor):
 
 
 class HeldTensor(LazyTensor):
-    """A tensor already at hand: one `torch.load(mmap=True)` maps from a file (its pages are read when
+    """A tensor already at hand: one `torch.load(weights_only=True, mmap=True)` maps from a file (its pages are read when
     touched), or a small computed one (DiT's fixed position embedding)."""
 
     def __init__(self, tensor: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ training-checkpoint wrappers (`ema`/`model`, `state_dict`, `module`) and DDP/com
 family's converter then maps the names onto its own.
 
 `lazy=True` reads no tensor data: safetensors tensors become `models.lazy.SafetensorsTensor` (slice
-reads of the mapped file), pickles are loaded with `torch.load(mmap=True)` (their storages map the
+reads of the mapped file), pickles are loaded with `torch.load(weights_only=True, mmap=True)` (their storages map the
 file: pages are read when touched and belong to the page cache, not to the process's anonymous
 memory), so a rank reads only the rows it keeps.
 
@@ -268,7 +268,7 @@ def read_safetensors_metadata(p: Path) -> dict[str, str]:
 
 
 def read_pickle(p: Path, prefer: str, lazy: bool) -> dict[str, Any]:
-    """The state dict of a pickled checkpoint; lazily, tensors that map the file (`torch.load(mmap=True)`)."""
+    """The state dict of a pickled checkpoint; lazily, tensors that map the file (`torch.load(weights_only=True, mmap=True)`)."""
     if not lazy:
         return unwrap(torch_load(p), prefer, str(p))
     return hold(unwrap(torch_load(p, mmap=True), prefer, str(p)))

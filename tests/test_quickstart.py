@@ -42,10 +42,10 @@ def test_quick_pipeline_writes_its_artifacts_and_reuses_finished_stages(tmp_path
         assert 0.0 < rows[name]["flops_ratio"] <= 1.0 and rows[name]["flops_target"] <= 0.8
         assert rows[name]["gflops"] <= rows[name]["gflops_static"]
     assert rows["lit"]["flops_ratio"] is None
-    teacher = torch.load(out / "eval" / "teacher.samples.pt")
+    teacher = torch.load(out / "eval" / "teacher.samples.pt", weights_only=True)
     assert rows["teacher"]["teacher_mse"] is None
     for name in MODELS[1:]:  # the teacher-relative error: the saved samples, paired, pixels in [0, 1]
-        student = torch.load(out / "eval" / f"{name}.samples.pt")
+        student = torch.load(out / "eval" / f"{name}.samples.pt", weights_only=True)
         assert student.shape == teacher.shape == (report["eval"]["samples"], 1, 8, 8)
         u8 = lambda x: torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8).double() / 255  # noqa: E731
         want = float(((u8(student) - u8(teacher)) ** 2).mean())

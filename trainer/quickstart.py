@@ -478,10 +478,10 @@ def teacher_relative(opts: Options) -> dict[str, dict[str, float]]:
     from trainer.evaluate import PairedError
     from trainer.sampling import to_uint8
 
-    teacher = torch.load(samples_path(opts, "teacher"))
+    teacher = torch.load(samples_path(opts, "teacher"), weights_only=True)
     out = {}
     for name in opts.models()[1:]:
-        student = torch.load(samples_path(opts, name))
+        student = torch.load(samples_path(opts, name), weights_only=True)
         err = PairedError()
         err.add(student, teacher, to_uint8(student), to_uint8(teacher))
         out[name] = err.values()
