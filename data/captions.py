@@ -48,6 +48,14 @@ TEMPLATES = tuple(Template(i, text, held) for i, (text, held) in enumerate((
     ("a small sketch of the number {num}", True),
     ("somebody wrote {word} here", True),  # not "someone": its bytes hold "one", a second digit word
     ("{word}, in pencil", True),
+    # more training frames (appended: the held-out ids stay 8-10): each form of a digit also at the start
+    # and in the middle of a sentence, before a space, so no held-out position is new, only its words
+    ("{word} written in black ink", False),
+    ("i can see a {num} in this image", False),
+    ("a neat {word} on white paper", False),
+    ("my lucky number is {num}", False),
+    ("there is a {word} at the top", False),
+    ("{num} again, but larger", False),
 )))
 TRAIN_TEMPLATES = tuple(t for t in TEMPLATES if not t.held_out)
 HELD_OUT_TEMPLATES = tuple(t for t in TEMPLATES if t.held_out)

@@ -49,8 +49,9 @@ def test_prompts_file_lists_every_template_and_digit_with_its_split(captioned):
         "a handwritten seven", "the digit 7", "7, drawn with a thick pen"}
     # held-out frames still name their digit by a word or a numeral seen in training
     assert all(DIGIT_WORDS[r["digit"]] in r["prompt"] or str(r["digit"]) in r["prompt"] for r in rows)
-    with pytest.raises(ValueError, match="captions per image 9"):
-        digits_captions_source(captions_per_image=9)
+    n = len(TRAIN_TEMPLATES)
+    with pytest.raises(ValueError, match=f"captions per image {n + 1}"):
+        digits_captions_source(captions_per_image=n + 1)
 
 
 def test_tiny_encoders_are_deterministic_for_a_seed_and_load_offline(tmp_path, capsys):
@@ -83,3 +84,7 @@ def test_no_template_names_a_digit_besides_its_placeholder():
     for t in TEMPLATES:
         frame = t.text.replace("{word}", "").replace("{num}", "")
         assert not [w for w in DIGIT_WORDS if w in frame] and not any(c.isdigit() for c in frame), t.text
+        for d in range(10):  # nor across the placeholder's edges ("a neat one on" must not read "eon", "one on"...)
+            caption = t.caption(d)
+            named = {i for i, w in enumerate(DIGIT_WORDS) if w in caption} | {int(c) for c in caption if c.isdigit()}
+            assert named == {d}, caption

@@ -54,3 +54,30 @@ def test_config_hash_ignores_run_dir(tmp_path):
     b = load_config(path, ["run_dir=/b"], world_size=1)
     c = load_config(path, ["optim.lr=1"], world_size=1)
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_lr_mult_groups_parameters_by_pattern_and_rejects_typos():
+    """optim.lr_mult: the first fnmatch pattern sets a parameter's LR multiplier (wrapper prefixes such as
+    DDP's `module.` ignored), the routers' multiplier applies on top, a pattern naming nothing is an error."""
+    import torch
+
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizer, param_groups
+
+    net = torch.nn.ModuleDict({"y_embedder": torch.nn.Linear(2, 2), "blocks": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"cross_attn": torch.nn.Linear(2, 2), "attn_rate": torch.nn.Linear(2, 1),
+                              "mlp": torch.nn.Linear(2, 2)})])})
+    named = [(f"module.{n}", p) for n, p in net.named_parameters()]
+    groups = param_groups(named, router_lr_mult=10.0, lr_mult={"y_embedder.*": 0.25, "blocks.*.cross_attn.*": 0.5})
+    by_id = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    assert [by_id[id(p)] for _, p in named] == [0.25, 0.25, 0.5, 0.5, 10.0, 10.0, 1.0, 1.0]
+    assert groups[0]["lr_mult"] == 1.0 and sum(len(g["params"]) for g in groups) == len(named)
+    opt = build_optimizer(groups, OptimConfig(lr=1e-3), torch.device("cpu"))
+    assert sorted(g["lr"] for g in opt.param_groups) == [2.5e-4, 5e-4, 1e-3, 1e-2]
+    with pytest.raises(ValueError, match=r"'y_embeder.\*' names no trainable parameter"):
+        param_groups(named, 1.0, {"y_embeder.*": 0.5})
+    base = ["teacher=null", "student.model=dit-s/2", "student.init=random"]
+    with pytest.raises(ConfigError, match=r"optim.lr_mult\['y_embedder.\*'\]=0.0 is invalid: must be > 0"):
+        load_config(None, [*base, "optim.lr_mult={y_embedder.*: 0.0}"], world_size=1)
+    cfg = load_config(None, [*base, "optim.lr_mult={y_embedder.*: 0.3, blocks.*.cross_attn.*: 0.5}"], world_size=1)
+    assert dict(cfg.optim.lr_mult) == {"y_embedder.*": 0.3, "blocks.*.cross_attn.*": 0.5}

@@ -107,6 +107,9 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear (after warm-up)
     min_lr_ratio: float = 0.0
     fused: str = "auto"  # auto | torch | apex | none
+    # {fnmatch pattern over parameter names: LR multiplier}, first match wins: e.g. a caption path that is
+    # unstable at the rest's LR, {"y_embedder.*": 0.3}; the routers' multiplier applies on top
+    lr_mult: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +254,9 @@ def validate(cfg: RunConfig, world_size: int) -> RunConfig:
             raise _fail(key, _get(cfg, key), "must be >= 0")
     if cfg.dynamic.router_lr_mult <= 0:
         raise _fail("dynamic.router_lr_mult", cfg.dynamic.router_lr_mult, "must be > 0")
+    for pat, mult in cfg.optim.lr_mult.items():
+        if mult <= 0:
+            raise _fail(f"optim.lr_mult[{pat!r}]", mult, "must be > 0")
     if cfg.optim.lr <= 0:
         raise _fail("optim.lr", cfg.optim.lr, "must be > 0")
     betas = list(cfg.optim.betas)

@@ -1,8 +1,9 @@
 """AdamW and the LR schedule (linear warm-up, then constant, cosine or linear decay)."""
 from __future__ import annotations
 
+import fnmatch
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -21,16 +22,31 @@ def _apex_fused_adam():
 ROUTER_KEYS = ("attn_rate.", "mlp_rate.", "token_selection.")
 
 
-def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], router_lr_mult: float) -> list[dict]:
-    """Trainable parameters, routers in their own group when their LR differs."""
-    base, routers = [], []
+def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], router_lr_mult: float,
+                 lr_mult: Mapping[str, float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by LR multiplier: the routers' (`dynamic.router_lr_mult`) times that
+    of the first `optim.lr_mult` pattern naming them (fnmatch over parameter names, wrapper prefixes
+    such as DDP's `module.` ignored). A pattern that names no trainable parameter is an error: a typo
+    would otherwise train everything at one LR without a word."""
+    patterns = dict(lr_mult or {})
+    used: set[str] = set()
+    by_mult: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in named:
-        if p.requires_grad:
-            (routers if router_lr_mult != 1.0 and any(k in name for k in ROUTER_KEYS) else base).append(p)
-    groups = [{"params": base, "lr_mult": 1.0}]
-    if routers:
-        groups.append({"params": routers, "lr_mult": router_lr_mult})
-    return groups
+        if not p.requires_grad:
+            continue
+        mult = router_lr_mult if router_lr_mult != 1.0 and any(k in name for k in ROUTER_KEYS) else 1.0
+        for pat, m in patterns.items():
+            if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, f"*.{pat}"):
+                used.add(pat)
+                mult *= float(m)
+                break
+        by_mult.setdefault(mult, []).append(p)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ValueError(f"optim.lr_mult pattern {unused[0]!r} names no trainable parameter; patterns are fnmatch over "
+                         "parameter names, such as 'y_embedder.*' or 'blocks.*.cross_attn.*'")
+    groups = [{"params": by_mult.pop(1.0, []), "lr_mult": 1.0}]
+    return groups + [{"params": ps, "lr_mult": m} for m, ps in sorted(by_mult.items())]
 
 
 def _has_dtensors(groups: list[dict]) -> bool:

@@ -30,12 +30,12 @@ MODES = ("cfg", "plain", "guidance")
 class T2IEvalSettings:
     """How every T2I model is sampled, scored and timed (the same for all, so rows compare)."""
 
-    per_prompt: int = 4  # samples per evaluation prompt: 110 prompts (80 seen, 30 held out) → 440
+    per_prompt: int = 4  # samples per evaluation prompt: 170 prompts (140 seen, 30 held out) → 680
     method: str = "ddim"
     steps: int = 20
     cfg_scale: float = 4.5  # classifier-free guidance scale; a guidance-distilled model is told g = this
     seed: int = 0
-    timing_batch: int = 110  # every prompt once per timed run
+    timing_batch: int = 110  # the first 110 prompts per timed run (the same for every row)
     timing_repeats: int = 3
 
     @classmethod
@@ -65,13 +65,14 @@ def _log(msg: str) -> None:
 
 def text_shards(opts) -> Path:
     """`<out>/shards/<fmt>-text`: the captioned digits with T5 (+ CLIP) embeddings, made once."""
+    from data.captions import TEMPLATES
     from data.manifest import MANIFEST
     from trainer.quickstart import QuickstartError, _read_json, _write_json
 
     bed, fmt = opts.suite.text, opts.data
     root = opts.out / "shards"
     raw, text, enc = root / f"{fmt}-captions", root / f"{fmt}-text", opts.out / "encoders"
-    key = {**asdict(bed), "format": fmt}
+    key = {**asdict(bed), "format": fmt, "templates": [[t.text, t.held_out] for t in TEMPLATES]}
     stamp_path = root / f"{fmt}-text.json"
     stamp = _read_json(stamp_path)
     if stamp is not None and stamp["key"] != key:

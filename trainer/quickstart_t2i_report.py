@@ -6,6 +6,8 @@ import resource
 from dataclasses import asdict
 from pathlib import Path
 
+from data.captions import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+
 WALL_BAR_S = 15 * 60  # each family's full run from a fresh clone (install excluded)
 MEMORY_BAR_GB = 4.0
 TEACHER_BAR = 0.80  # held-out-template prompt accuracy of every teacher
@@ -127,7 +129,8 @@ def table(report: dict) -> str:
         ENCODERS_NOTE.format(clip=clip, pooled=", the pooled vector in the modulation" if bed.get("clip_dim") else ""),
         f"Prompts: every (template, digit) prompt {ev['per_prompt']}× from fixed noise ({ev['method']}, {ev['steps']} "
         f"steps), EMA weights, dynamic students on their sliced path. Accuracy: the digit classifier agrees with the digit "
-        f"the prompt names, on the 8 training templates (seen) and on the 3 held-out templates (never in the shards). FD: "
+        f"the prompt names, on the {len(TRAIN_TEMPLATES)} training templates (seen) and on the {len(HELD_OUT_TEMPLATES)} held-out "
+        f"templates (never in the shards). FD: "
         f"Fréchet distance of all samples to the 1,797 real digits in the classifier's 128-d feature space.",
         "GFLOPs: multiply-adds per forward per sample (text tokens included); realised for dynamic students. "
         "FLOPs ratio: the dynamic students' realised ratio while sampling (target λ in brackets).",

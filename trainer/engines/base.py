@@ -105,7 +105,7 @@ class TorchEngine(Engine):
         self.trainable: set[str] | None = None
         if self.cfg.peft.method != "none":
             self.trainable = {n for n, p in self.raw_student.named_parameters() if p.requires_grad}
-        groups = param_groups(self.student.named_parameters(), self.cfg.dynamic.router_lr_mult)
+        groups = param_groups(self.student.named_parameters(), self.cfg.dynamic.router_lr_mult, self.cfg.optim.lr_mult)
         self.optimizer = build_optimizer(groups, self.cfg.optim, self.env.device)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
         if ema_module is not None:

@@ -331,7 +331,7 @@ class DeepSpeedEngine(Engine):
             inherit_into(self.raw_student, inherit)  # ZeRO-1/2 keep whole parameters on every rank
         apply_activation_checkpointing(self.raw_student, cfg.engine)
         apply_compile(self.raw_student, cfg.engine)
-        optimizer = build_optimizer(param_groups(student.named_parameters(), cfg.dynamic.router_lr_mult), cfg.optim, env.device)
+        optimizer = build_optimizer(param_groups(student.named_parameters(), cfg.dynamic.router_lr_mult, cfg.optim.lr_mult), cfg.optim, env.device)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self.raw_student, optimizer=optimizer, config=conf,
                                                              dist_init_required=False)
