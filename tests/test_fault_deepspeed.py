@@ -76,8 +76,13 @@ def _optimizer_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
 
     files = sorted((run / "checkpoints" / f"step_{step:08d}").rglob("*optim_states.pt"))
     assert len(files) == 2, files  # one per rank
-    for f in files:
-        walk(f.name, torch.load(f, map_location="cpu", weights_only=False))
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for f in files:  # DeepSpeed's own file: its stage enum, loss scaler and fragment addresses are the non-tensor globals it pickles
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
     return out
 
 

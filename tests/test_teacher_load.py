@@ -57,7 +57,7 @@ def two_ranks(teachers, tmp_path_factory):
            "-m", "tests.teacher_load_worker", str(out), *teachers.values()]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_sharded_teacher_computes_exactly_what_a_replicated_one_does(teachers, two_ranks):
